@@ -1,0 +1,401 @@
+//! HTTP/1.1, HTTP/2 and gRPC proxying.
+//!
+//! [`serve`] runs hyper's server on a detected connection; every request goes through
+//! [`Forwarder::forward`]: hop-by-hop headers are removed, headers the proxy owns are stripped
+//! from what the app sent, the request goes to the connection's original destination over a
+//! pooled connection of the same HTTP version, and the response streams back (bodies and
+//! trailers are never buffered). HTTP/1.1 upgrades (WebSocket) are bridged byte for byte after
+//! the `101`. Errors the proxy produces answer with a status and a `trellis-error` header; for
+//! gRPC callers they are a trailers-only response with a `grpc-status`, so gRPC clients see
+//! `UNAVAILABLE` with the cause instead of a protocol error.
+
+mod headers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HOST};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+use crate::cli::AccessLog;
+use crate::detect::Protocol;
+use crate::drain;
+use crate::error::{ERROR_HEADER, ProxyError};
+use crate::io::Io;
+use crate::metrics::{Direction, Metrics};
+use crate::transport::{Endpoint, HttpVersion, Pool};
+
+pub use headers::{strip_hop_by_hop, wants_upgrade};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every request and response the proxy forwards or produces.
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// Per-listener HTTP forwarding: where requests go and what is recorded about them.
+pub struct Forwarder {
+    direction: Direction,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+}
+
+/// What the listener learned about a connection before HTTP started.
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    /// The original destination, or why there is none (every request then fails with
+    /// `no-original-destination`).
+    pub orig_dst: Result<SocketAddr, String>,
+    pub protocol: Protocol,
+}
+
+impl Forwarder {
+    pub fn new(
+        direction: Direction,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+    ) -> Self {
+        Self {
+            direction,
+            pool,
+            metrics,
+            access_log,
+        }
+    }
+
+    /// Forwards one request and returns the response to send back to the client.
+    pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<BoxBody> {
+        let start = Instant::now();
+        let protocol = conn.protocol.as_str();
+        let upgrade = conn.protocol == Protocol::Http1 && wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let grpc = is_grpc(&req);
+        let method = req.method().clone();
+        let target = RequestSummary::of(&req);
+
+        let orig_dst = match &conn.orig_dst {
+            Ok(addr) => *addr,
+            Err(reason) => {
+                let err = ProxyError::NoOriginalDestination {
+                    reason: reason.clone(),
+                };
+                return self.fail(err, grpc, &method, &target, conn, start);
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        if self.direction == Direction::outbound {
+            // Only a proxy may say that the proxy failed: never trust the app's claim.
+            parts.headers.remove(ERROR_HEADER);
+        }
+        let version = match conn.protocol {
+            Protocol::Http2 => HttpVersion::Http2,
+            _ => HttpVersion::Http1,
+        };
+        parts.uri = upstream_uri(&parts, version, orig_dst);
+        if version == HttpVersion::Http1 && !parts.headers.contains_key(HOST) {
+            // HTTP/1.0 clients may omit Host; the upstream then sees the address dialled.
+            if let Ok(host) = HeaderValue::from_str(&orig_dst.to_string()) {
+                parts.headers.insert(HOST, host);
+            }
+        }
+        let body = body.map_err(BoxError::from).boxed_unsync();
+        let endpoint = Endpoint::plaintext(orig_dst);
+
+        let mut rsp = match self
+            .pool
+            .send(&endpoint, version, Request::from_parts(parts, body))
+            .await
+        {
+            Ok(rsp) => rsp,
+            Err(err) => return self.fail(err, grpc, &method, &target, conn, start),
+        };
+        let status = rsp.status();
+        match client_upgrade {
+            Some(client_upgrade) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+                tokio::spawn(bridge_upgrade(client_upgrade, upstream_upgrade));
+                strip_hop_by_hop(rsp.headers_mut(), true);
+            }
+            _ => strip_hop_by_hop(rsp.headers_mut(), false),
+        }
+        if self.direction == Direction::inbound {
+            rsp.headers_mut().remove(ERROR_HEADER);
+        }
+        let elapsed = start.elapsed();
+        self.metrics
+            .request(self.direction, protocol, status.as_u16(), elapsed);
+        if self.access_log == AccessLog::All
+            || (self.access_log == AccessLog::Errors && status.is_server_error())
+        {
+            tracing::info!(
+                target: "trellis::access",
+                direction = self.direction.as_str(), protocol, method = %method,
+                authority = %target.authority, path = %target.path, status = status.as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1e3, client = %conn.client, dst = %orig_dst,
+                "request"
+            );
+        }
+        rsp.map(|b| b.map_err(BoxError::from).boxed_unsync())
+    }
+
+    fn fail(
+        &self,
+        err: ProxyError,
+        grpc: bool,
+        method: &Method,
+        target: &RequestSummary,
+        conn: &ConnInfo,
+        start: Instant,
+    ) -> Response<BoxBody> {
+        let cause = err.cause();
+        let rsp = error_response(&err, grpc);
+        let elapsed = start.elapsed();
+        self.metrics.error(self.direction, cause);
+        self.metrics.request(
+            self.direction,
+            conn.protocol.as_str(),
+            rsp.status().as_u16(),
+            elapsed,
+        );
+        if self.access_log != AccessLog::Off {
+            tracing::warn!(
+                target: "trellis::access",
+                direction = self.direction.as_str(), protocol = conn.protocol.as_str(),
+                method = %method, authority = %target.authority, path = %target.path,
+                status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
+                client = %conn.client, error = cause, reason = %err,
+                "request failed in the proxy"
+            );
+        }
+        rsp
+    }
+}
+
+/// Serves HTTP on an accepted, detected connection until it closes or a drain completes it.
+pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: drain::Watch) {
+    let protocol = conn.protocol;
+    let conn = Arc::new(conn);
+    let service = hyper::service::service_fn(move |req| {
+        let (fwd, conn) = (fwd.clone(), conn.clone());
+        async move { Ok::<_, Infallible>(fwd.forward(req, &conn).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(1 << 20)
+                .initial_connection_window_size(4 << 20)
+                .serve_connection(io, service);
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+        _ => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(io, service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = drain.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client HTTP connection ended with an error");
+    }
+}
+
+/// The request target as the upstream must see it: origin-form for HTTP/1.1
+/// (`/path?query`, with Host carrying the authority), absolute for HTTP/2 (`:authority`
+/// preserved; taken from Host or the original destination when the client sent none).
+fn upstream_uri(parts: &http::request::Parts, version: HttpVersion, orig_dst: SocketAddr) -> Uri {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("/");
+    match version {
+        HttpVersion::Http1 => Uri::try_from(path).unwrap_or_else(|_| Uri::from_static("/")),
+        HttpVersion::Http2 => {
+            let authority = parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .map(str::to_string)
+                })
+                .unwrap_or_else(|| orig_dst.to_string());
+            let scheme = parts.uri.scheme_str().unwrap_or("http");
+            Uri::try_from(format!("{scheme}://{authority}{path}"))
+                .unwrap_or_else(|_| parts.uri.clone())
+        }
+    }
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_2
+        && req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The response for an error the proxy produced.
+pub fn error_response(err: &ProxyError, grpc: bool) -> Response<BoxBody> {
+    let cause = HeaderValue::from_static(err.cause());
+    let message = format!("{}: {err}", err.cause());
+    let mut rsp = if grpc {
+        // Trailers-only gRPC response: HTTP 200, the status in the headers.
+        let code = match err.status() {
+            StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            _ => "14",                          // UNAVAILABLE
+        };
+        let mut rsp = Response::new(empty());
+        let h = rsp.headers_mut();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from_static(code));
+        if let Ok(msg) = HeaderValue::from_str(&grpc_percent_encode(&message)) {
+            h.insert("grpc-message", msg);
+        }
+        rsp
+    } else {
+        let mut rsp = Response::new(full(format!("{message}\n")));
+        *rsp.status_mut() = err.status();
+        rsp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        rsp
+    };
+    rsp.headers_mut().insert(ERROR_HEADER, cause);
+    rsp
+}
+
+/// gRPC's `grpc-message` encoding: printable ASCII except `%` as is, the rest percent-encoded.
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..0x7f).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub fn full(body: impl Into<Bytes>) -> BoxBody {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> BoxBody {
+    full(Bytes::new())
+}
+
+/// Copies bytes both ways between the client and the upstream after a `101 Switching Protocols`.
+async fn bridge_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "protocol upgrade did not complete"),
+    }
+}
+
+/// Authority and path of a request, for logs.
+struct RequestSummary {
+    authority: String,
+    path: String,
+}
+
+impl RequestSummary {
+    fn of<B>(req: &Request<B>) -> Self {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        Self {
+            authority,
+            path: req.uri().path().to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str, host: Option<&str>) -> http::request::Parts {
+        let mut b = Request::builder().uri(uri);
+        if let Some(h) = host {
+            b = b.header(HOST, h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn http1_targets_are_origin_form_and_http2_keeps_the_authority() {
+        let dst: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+        let p = parts("http://reviews:9080/a?b=1", Some("reviews:9080"));
+        assert_eq!(upstream_uri(&p, HttpVersion::Http1, dst), "/a?b=1");
+        assert_eq!(
+            upstream_uri(&p, HttpVersion::Http2, dst),
+            "http://reviews:9080/a?b=1"
+        );
+        let p = parts("/x", None);
+        assert_eq!(
+            upstream_uri(&p, HttpVersion::Http2, dst),
+            "http://10.0.0.2:8080/x"
+        );
+    }
+
+    #[test]
+    fn grpc_errors_are_trailers_only_unavailable() {
+        let err = ProxyError::ConnectRefused {
+            addr: "10.0.0.2:80".parse().unwrap(),
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+        };
+        let rsp = error_response(&err, true);
+        assert_eq!(rsp.status(), StatusCode::OK);
+        assert_eq!(rsp.headers()["grpc-status"], "14");
+        assert_eq!(rsp.headers()[ERROR_HEADER], "connect-refused");
+        let rsp = error_response(&err, false);
+        assert_eq!(rsp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

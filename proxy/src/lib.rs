@@ -1,0 +1,26 @@
+//! The Trellis sidecar proxy.
+//!
+//! A request's path through this crate, in reading order:
+//! - [`init`]: the iptables rules that send a pod's TCP traffic to the proxy (the init container).
+//! - [`listener`]: accepts a redirected connection, recovers its original destination
+//!   ([`orig_dst`]), refuses loops, and hands it to [`detect`].
+//! - [`detect`]: HTTP/1, HTTP/2 or opaque TCP, from the first bytes or a short timeout.
+//! - [`http`]: HTTP/1.1, HTTP/2 and gRPC proxying through hyper; [`tcp`]: opaque byte copy.
+//! - [`transport`]: dials upstream endpoints and pools connections per (endpoint, identity).
+//! - [`admin`], [`metrics`], [`drain`]: the admin endpoints, Prometheus metrics, graceful shutdown.
+//! - [`error`]: the named causes of every error the proxy produces itself.
+
+pub mod admin;
+pub mod cli;
+pub mod detect;
+pub mod drain;
+pub mod error;
+pub mod http;
+pub mod init;
+pub mod io;
+pub mod listener;
+pub mod metrics;
+pub mod orig_dst;
+pub mod run;
+pub mod tcp;
+pub mod transport;

@@ -1,0 +1,282 @@
+//! The proxy's Prometheus metrics, served as text on the admin server's `/metrics`.
+//!
+//! Every family is created once here; the data path holds cheap clones of individual counters
+//! (an `Arc` around an atomic), so recording is one atomic add.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Which listener a connection or request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+pub enum Direction {
+    #[allow(non_camel_case_types)]
+    inbound,
+    #[allow(non_camel_case_types)]
+    outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::inbound => "inbound",
+            Self::outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub direction: Direction,
+    pub cause: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ConnLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~33 s: sidecar overheads live at the bottom, timeouts at the top.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 17,
+    ))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: HistogramFamily<LatencyLabels>,
+    errors: Family<ErrorLabels, Counter>,
+    conns_opened: Family<ConnLabels, Counter>,
+    conns_closed: Family<ConnLabels, Counter>,
+    conns_open: Family<DirectionLabels, Gauge>,
+    read_bytes: Family<DirectionLabels, Counter>,
+    write_bytes: Family<DirectionLabels, Counter>,
+    upstream_connects: Family<ConnLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests completed, by direction, protocol and response status",
+            requests.clone(),
+        );
+        let request_duration: HistogramFamily<LatencyLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to receiving its response headers",
+            request_duration.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "proxy_errors",
+            "Errors the proxy produced itself, by cause (README: Error causes)",
+            errors.clone(),
+        );
+        let conns_opened = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "tcp_connections_opened",
+            "Connections accepted, by direction and detected protocol",
+            conns_opened.clone(),
+        );
+        let conns_closed = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "tcp_connections_closed",
+            "Accepted connections that have closed",
+            conns_closed.clone(),
+        );
+        let conns_open = Family::<DirectionLabels, Gauge>::default();
+        registry.register(
+            "tcp_connections_open",
+            "Accepted connections currently open",
+            conns_open.clone(),
+        );
+        let read_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from accepted (downstream) connections",
+            read_bytes.clone(),
+        );
+        let write_bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to accepted (downstream) connections",
+            write_bytes.clone(),
+        );
+        let upstream_connects = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "upstream_connections_opened",
+            "Connections the proxy opened to upstream endpoints (pooled HTTP connections count once)",
+            upstream_connects.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            request_duration,
+            errors,
+            conns_opened,
+            conns_closed,
+            conns_open,
+            read_bytes,
+            write_bytes,
+            upstream_connects,
+        }
+    }
+
+    pub fn request(
+        &self,
+        direction: Direction,
+        protocol: &'static str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                protocol,
+                status,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&LatencyLabels {
+                direction,
+                protocol,
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn error(&self, direction: Direction, cause: &'static str) {
+        self.errors
+            .get_or_create(&ErrorLabels { direction, cause })
+            .inc();
+    }
+
+    pub fn upstream_connect(&self, direction: Direction, protocol: &'static str) {
+        self.upstream_connects
+            .get_or_create(&ConnLabels {
+                direction,
+                protocol,
+            })
+            .inc();
+    }
+
+    /// Counts an accepted connection open; the returned guard counts it closed when dropped.
+    pub fn connection(&self, direction: Direction) -> ConnectionMetrics {
+        let labels = DirectionLabels { direction };
+        let open = self.conns_open.get_or_create(&labels).clone();
+        open.inc();
+        ConnectionMetrics {
+            direction,
+            protocol: "unknown",
+            open,
+            closed: self.conns_closed.clone(),
+            read: self.read_bytes.get_or_create(&labels).clone(),
+            written: self.write_bytes.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Records the protocol a connection was detected as.
+    pub fn detected(&self, conn: &mut ConnectionMetrics, protocol: &'static str) {
+        conn.protocol = protocol;
+        self.conns_opened
+            .get_or_create(&ConnLabels {
+                direction: conn.direction,
+                protocol,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Byte counters and the open/closed accounting of one accepted connection.
+pub struct ConnectionMetrics {
+    direction: Direction,
+    protocol: &'static str,
+    open: Gauge,
+    closed: Family<ConnLabels, Counter>,
+    pub read: Counter,
+    pub written: Counter,
+}
+
+impl Drop for ConnectionMetrics {
+    fn drop(&mut self) {
+        self.open.dec();
+        self.closed
+            .get_or_create(&ConnLabels {
+                direction: self.direction,
+                protocol: self.protocol,
+            })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_requests_errors_and_connections() {
+        let m = Metrics::new();
+        m.request(Direction::outbound, "http1", 200, Duration::from_millis(3));
+        m.error(Direction::inbound, "connect-refused");
+        let mut conn = m.connection(Direction::inbound);
+        m.detected(&mut conn, "opaque");
+        conn.read.inc_by(10);
+        drop(conn);
+        let text = m.encode();
+        for line in [
+            r#"trellis_requests_total{direction="outbound",protocol="http1",status="200"} 1"#,
+            r#"trellis_proxy_errors_total{direction="inbound",cause="connect-refused"} 1"#,
+            r#"trellis_tcp_connections_opened_total{direction="inbound",protocol="opaque"} 1"#,
+            r#"trellis_tcp_connections_closed_total{direction="inbound",protocol="opaque"} 1"#,
+            r#"trellis_tcp_connections_open{direction="inbound"} 0"#,
+            r#"trellis_tcp_read_bytes_total{direction="inbound"} 10"#,
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+    }
+}

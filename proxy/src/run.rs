@@ -1,0 +1,163 @@
+//! `trellis-proxy run`: binds the listeners, starts the admin server, and drains on shutdown.
+//!
+//! The data path runs on a multi-threaded runtime of `--threads` workers; the admin server runs
+//! on its own thread. SIGTERM, SIGINT and `POST /shutdown` start the same drain: `/ready` turns
+//! 503, listeners close (new connections are refused), in-flight requests get up to
+//! `--drain-grace-period` to finish, then the process exits 0.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::admin::{self, AdminState};
+use crate::cli::RunArgs;
+use crate::drain::{self, Drained};
+use crate::listener::{Listener, ListenerConfig};
+use crate::metrics::{Direction, Metrics};
+use crate::transport::{Connector, Pool, PoolConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("cannot install the signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+pub fn run(args: RunArgs) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = Arc::new(Notify::new());
+    let config = serde_json::json!({
+        "policyVersion": null,
+        "policySource": "none: every destination is forwarded as dialled",
+        "proxy": &args,
+    });
+    let admin_state = AdminState::new(metrics.clone(), config, shutdown.clone());
+    let admin_listener =
+        std::net::TcpListener::bind(args.admin_addr).map_err(|source| RunError::Bind {
+            what: "admin",
+            addr: args.admin_addr,
+            source,
+        })?;
+    admin::spawn(admin_listener, admin_state.clone()).map_err(RunError::Runtime)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.threads))
+        .thread_name("trellis-data")
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    runtime.block_on(serve(args, metrics, admin_state, shutdown))
+}
+
+async fn serve(
+    args: RunArgs,
+    metrics: Arc<Metrics>,
+    admin: Arc<AdminState>,
+    shutdown: Arc<Notify>,
+) -> Result<(), RunError> {
+    let own_ports = vec![
+        args.inbound_addr.port(),
+        args.outbound_addr.port(),
+        args.admin_addr.port(),
+    ];
+    let (signal, watch) = drain::channel();
+    let pool_config = PoolConfig {
+        idle_timeout: args.pool_idle_timeout,
+        max_idle_per_endpoint: args.pool_max_idle,
+    };
+
+    for (direction, addr) in [
+        (Direction::inbound, args.inbound_addr),
+        (Direction::outbound, args.outbound_addr),
+    ] {
+        let connector = Connector::new(direction, args.connect_timeout, metrics.clone());
+        let pool = Pool::new(connector, pool_config.clone());
+        let listener = Listener::new(
+            ListenerConfig {
+                direction,
+                detect_timeout: args.detect_timeout,
+                opaque_ports: args.opaque_ports.clone(),
+                own_ports: own_ports.clone(),
+                max_connections: args.max_connections,
+                access_log: args.access_log,
+            },
+            pool,
+            metrics.clone(),
+        );
+        let what = direction.as_str();
+        let socket = bind(addr).map_err(|source| RunError::Bind { what, addr, source })?;
+        tracing::info!(direction = what, %addr, "listening");
+        tokio::spawn(listener.clone().serve(socket, watch.clone()));
+        // IPv6 twin of a wildcard or loopback IPv4 address, so ip6tables-redirected traffic has
+        // somewhere to land. Absent IPv6 is not an error.
+        if let Some(addr6) = ipv6_twin(addr) {
+            match bind(addr6) {
+                Ok(socket) => {
+                    tracing::info!(direction = what, addr = %addr6, "listening");
+                    tokio::spawn(listener.serve(socket, watch.clone()));
+                }
+                Err(e) => tracing::debug!(addr = %addr6, error = %e, "no IPv6 listener"),
+            }
+        }
+    }
+    drop(watch);
+    admin.set_ready(true);
+    tracing::info!(admin = %args.admin_addr, "ready");
+
+    wait_for_shutdown(&shutdown).await?;
+    admin.set_draining();
+    tracing::info!(grace_period = ?args.drain_grace_period, "draining: no new connections, waiting for in-flight requests");
+    match signal.drain(args.drain_grace_period).await {
+        Drained::Complete => tracing::info!("drained; exiting"),
+        Drained::GracePeriodExpired => {
+            tracing::warn!(grace_period = ?args.drain_grace_period, "grace period expired with connections still open; exiting")
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_shutdown(shutdown: &Notify) -> Result<(), RunError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = shutdown.notified() => tracing::info!("POST /shutdown received"),
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
+    match addr.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => {
+            Some(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), addr.port()))
+        }
+        IpAddr::V4(v4) if v4.is_loopback() => {
+            Some(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()))
+        }
+        _ => None,
+    }
+}
