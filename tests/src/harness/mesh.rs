@@ -1,0 +1,308 @@
+//! A mesh of pods: network namespaces on one bridge, each with an app and (optionally) a sidecar.
+//!
+//! Addresses: pod N gets 10.77.0.(N+1)/24 and fd77::(N+1)/64 on its `eth0`. The bridge lives in
+//! the mesh's own hub namespace, so nothing is added to the host's network.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::netns::{Netns, run};
+use super::process::Proc;
+use super::{PROXY_UID, Scrape, privileged, proxy_bin, testapp_bin};
+
+static MESHES: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Mesh {
+    id: String,
+    dir: PathBuf,
+    next_pod: AtomicU32,
+    hub: Netns,
+}
+
+impl Mesh {
+    /// A new, empty mesh; `None` (with the reason printed) when this process lacks the
+    /// privileges, outside CI. In CI (`CI=true`) missing privileges panic instead.
+    pub fn new(test: &str) -> Option<Self> {
+        if !privileged(test) {
+            return None;
+        }
+        Netns::sweep_stale("trl-");
+        let id = format!("trl-{}-{}", std::process::id(), MESHES.fetch_add(1, Ordering::Relaxed));
+        let dir = std::env::temp_dir().join(&id);
+        std::fs::create_dir_all(&dir).expect("create the mesh's log folder");
+        let hub = Netns::create(&format!("{id}-hub"));
+        run("ip", &["-n", hub.name(), "link", "add", "br0", "type", "bridge"]);
+        run("ip", &["-n", hub.name(), "link", "set", "br0", "up"]);
+        Some(Self { id, dir, next_pod: AtomicU32::new(1), hub })
+    }
+
+    /// Adds a pod named `name`, attached to the mesh's bridge.
+    pub fn pod(&self, name: &str) -> Pod {
+        let n = self.next_pod.fetch_add(1, Ordering::Relaxed);
+        assert!(n < 250, "too many pods in one mesh");
+        let ns = Netns::create(&format!("{}-{name}", self.id));
+        let hub = self.hub.name();
+        let port = format!("v{n}");
+        run("ip", &["-n", hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        run("ip", &["-n", hub, "link", "set", &port, "master", "br0", "up"]);
+        let ip = Ipv4Addr::new(10, 77, 0, (n + 1) as u8);
+        let ip6: Ipv6Addr = format!("fd77::{}", n + 1).parse().expect("valid IPv6");
+        run("ip", &["-n", ns.name(), "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run("ip", &["-n", ns.name(), "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        run("ip", &["-n", ns.name(), "link", "set", "eth0", "up"]);
+        Pod {
+            name: name.to_string(),
+            ip,
+            ip6,
+            dir: self.dir.clone(),
+            calls: AtomicU32::new(0),
+            apps: Mutex::default(),
+            proxy: Mutex::default(),
+            ns,
+        }
+    }
+
+    /// Where this mesh's process logs are written.
+    pub fn log_dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One pod: a network namespace with its apps and its sidecar.
+pub struct Pod {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    dir: PathBuf,
+    calls: AtomicU32,
+    // Processes are declared before the namespace so that they are stopped before it is deleted.
+    apps: Mutex<Vec<Proc>>,
+    proxy: Mutex<Option<Proc>>,
+    ns: Netns,
+}
+
+/// What `curl` saw.
+#[derive(Debug)]
+pub struct CurlResult {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    pub time_total: f64,
+    pub stderr: String,
+}
+
+impl CurlResult {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+impl Pod {
+    pub fn netns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// `http://<pod ip>:<port><path>`
+    pub fn url(&self, port: u16, path: &str) -> String {
+        format!("http://{}:{port}{path}", self.ip)
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip.into(), port)
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.ip6.into(), port)
+    }
+
+    /// Runs `trellis-proxy init ARGS` in this pod.
+    pub fn init(&self, args: &[&str]) -> Output {
+        let mut full = vec!["init"];
+        full.extend_from_slice(args);
+        self.ns.exec(&proxy_bin().to_string_lossy(), &full)
+    }
+
+    /// Installs the interception rules (defaults) and starts the sidecar, as an injected pod has.
+    pub fn start_sidecar(&self, run_args: &[&str]) {
+        let out = self.init(&[]);
+        assert!(out.status.success(), "init in {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        self.start_proxy(run_args);
+    }
+
+    /// Starts `trellis-proxy run` as UID 2102 and waits until `/ready` answers 200.
+    pub fn start_proxy(&self, args: &[&str]) {
+        let uid = PROXY_UID.to_string();
+        let mut cmd = self.ns.command("setpriv");
+        cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(proxy_bin())
+            .args(["run", "--log-format", "json", "--access-log", "all"])
+            .args(args);
+        let log = self.dir.join(format!("{}-proxy.log", self.name));
+        let mut proc = Proc::spawn(&format!("{} proxy", self.name), cmd, &log);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = proc.try_wait() {
+                panic!("{} proxy exited during startup ({status}):\n{}", self.name, proc.log());
+            }
+            if self.admin_get("/ready").0 == 200 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} proxy not ready after 15s:\n{}", self.name, proc.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        *self.proxy.lock().expect("proxy lock") = Some(proc);
+    }
+
+    /// Starts `trellis-testapp ARGS` and waits until it accepts connections on its `--listen`.
+    pub fn spawn_app(&self, args: &[&str]) {
+        let listen: SocketAddr = args
+            .iter()
+            .position(|a| *a == "--listen")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|a| a.parse().ok())
+            .expect("spawn_app needs --listen ADDR");
+        let probe = match listen.ip() {
+            ip if ip.is_unspecified() && listen.is_ipv4() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port()),
+            ip if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port()),
+            _ => listen,
+        };
+        let mut cmd = self.ns.command(&testapp_bin().to_string_lossy());
+        cmd.args(args);
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let log = self.dir.join(format!("{}-app-{n}.log", self.name));
+        let mut proc = Proc::spawn(&format!("{} app {}", self.name, args[0]), cmd, &log);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.ns.enter(move || TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok()) {
+            if let Some(status) = proc.try_wait() {
+                panic!("app {args:?} in {} exited ({status}):\n{}", self.name, proc.log());
+            }
+            assert!(Instant::now() < deadline, "app {args:?} in {} not listening on {probe} after 10s", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.apps.lock().expect("apps lock").push(proc);
+    }
+
+    /// Runs curl in this pod (as the app would): `-sS`, a 30 s limit, headers and body captured.
+    pub fn curl(&self, args: &[&str]) -> CurlResult {
+        let n = self.calls.fetch_add(1, Ordering::Relaxed);
+        let headers_file = self.dir.join(format!("{}-curl-{n}.headers", self.name));
+        let body_file = self.dir.join(format!("{}-curl-{n}.body", self.name));
+        let mut cmd = self.ns.command("curl");
+        cmd.args(["-sS", "--max-time", "30", "-w", "%{http_code} %{time_total}", "-D"])
+            .arg(&headers_file)
+            .arg("-o")
+            .arg(&body_file)
+            .args(args);
+        let out = cmd.output().expect("run curl");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut parts = stdout.split_whitespace();
+        let status = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let time_total = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        let raw_headers = std::fs::read_to_string(&headers_file).unwrap_or_default();
+        let headers = raw_headers
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
+        let body = std::fs::read_to_string(&body_file).unwrap_or_default();
+        let _ = std::fs::remove_file(&headers_file);
+        let _ = std::fs::remove_file(&body_file);
+        CurlResult { status, headers, body, time_total, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    }
+
+    /// Runs a `trellis-testapp` client command in this pod and parses the JSON it prints.
+    pub fn testapp(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.ns.exec(&testapp_bin().to_string_lossy(), args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "testapp {args:?} in {} failed ({}): {}{}",
+            self.name,
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(stdout.trim().lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("testapp {args:?} printed no JSON ({e}): {stdout}"))
+    }
+
+    /// A command run in this pod, as root (an app).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        self.ns.exec(program, args)
+    }
+
+    /// GET on the sidecar's admin server (127.0.0.1:4191) from inside the pod: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        self.admin_request("GET", path)
+    }
+
+    pub fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
+        let request = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
+        self.ns.enter(move || {
+            let addr: SocketAddr = ([127, 0, 0, 1], 4191).into();
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+                return (0, String::new());
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            if stream.write_all(request.as_bytes()).is_err() {
+                return (0, String::new());
+            }
+            let mut raw = String::new();
+            let _ = stream.read_to_string(&mut raw);
+            let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+            let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+            (status, body)
+        })
+    }
+
+    /// The sidecar's metrics.
+    pub fn metrics(&self) -> Scrape {
+        let (status, body) = self.admin_get("/metrics");
+        assert_eq!(status, 200, "GET /metrics on {}'s proxy", self.name);
+        Scrape::parse(&body)
+    }
+
+    /// Sends a signal to the sidecar.
+    pub fn signal_proxy(&self, signal: i32) {
+        self.proxy.lock().expect("proxy lock").as_ref().expect("no proxy running").signal(signal);
+    }
+
+    /// Waits for the sidecar to exit; its exit code, or `None` if it is still running.
+    pub fn wait_proxy_exit(&self, timeout: Duration) -> Option<i32> {
+        let mut proxy = self.proxy.lock().expect("proxy lock");
+        let proc = proxy.as_mut().expect("no proxy running");
+        proc.wait_timeout(timeout).map(|s| s.code().unwrap_or(-1))
+    }
+
+    /// A `/proc/PID/status` field of the sidecar, in kB (`VmRSS`, `VmHWM`).
+    pub fn proxy_status_kb(&self, field: &str) -> u64 {
+        let proxy = self.proxy.lock().expect("proxy lock");
+        proxy.as_ref().and_then(|p| p.status_kb(field)).unwrap_or_else(|| panic!("{field} of {}'s proxy", self.name))
+    }
+
+    /// The sidecar's log so far.
+    pub fn proxy_log(&self) -> String {
+        self.proxy.lock().expect("proxy lock").as_ref().map(|p| p.log()).unwrap_or_default()
+    }
+
+    /// `iptables-save -t nat` (or ip6tables) in this pod with the given backend (`nft`/`legacy`).
+    pub fn nat_rules(&self, ipv6: bool, backend: &str) -> String {
+        let tool = format!("{}-{backend}-save", if ipv6 { "ip6tables" } else { "iptables" });
+        let out = self.ns.exec(&tool, &["-t", "nat"]);
+        assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
+        // Drop the comment lines with timestamps, so that two dumps compare equal.
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+    }
+}

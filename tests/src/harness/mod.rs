@@ -1,0 +1,62 @@
+//! The pod harness: pods are Linux network namespaces on one bridge, with the real
+//! `trellis-proxy init` rules inside and the real sidecar running as its own UID.
+//!
+//! ```no_run
+//! # use trellis_tests::harness::Mesh;
+//! let Some(mesh) = Mesh::new("example") else { return }; // skipped without privileges (not in CI)
+//! let server = mesh.pod("server");
+//! server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"], 8080);
+//! server.start_proxy(&[]);
+//! let client = mesh.pod("client");
+//! client.start_proxy(&[]);
+//! let rsp = client.curl(&[&server.url(8080, "/")]);
+//! assert_eq!(rsp.status, 200);
+//! ```
+//!
+//! Everything a mesh creates — namespaces, the bridge, processes — is removed when it is
+//! dropped, also when a test fails; namespaces left by a killed test run are swept at the next
+//! start. Traffic never leaves the machine: all addresses live inside the test's namespaces.
+
+mod bins;
+mod mesh;
+mod metrics;
+mod netns;
+mod process;
+
+pub use bins::{proxy_bin, testapp_bin};
+pub use mesh::{CurlResult, Mesh, Pod};
+pub use metrics::Scrape;
+pub use netns::Netns;
+pub use process::Proc;
+
+/// The UID the sidecar runs as in every pod (the `init` default).
+pub const PROXY_UID: u32 = 2102;
+
+/// Whether this process may create network namespaces and iptables rules. Without that, a test
+/// fails when `CI=true` (CI runs as root and must run every test) and is skipped otherwise, with
+/// the reason printed either way.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let missing: Vec<&str> = ["ip", "iptables-nft-restore", "setpriv", "curl"]
+        .into_iter()
+        .filter(|tool| !which(tool))
+        .collect();
+    let reason = match (root, missing.is_empty()) {
+        (true, true) => return true,
+        (false, _) => "needs root to create network namespaces and iptables rules (run as root, as CI does)".to_string(),
+        (true, false) => format!("needs these tools: {} (apt-get install iproute2 iptables util-linux curl)", missing.join(", ")),
+    };
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{test}: {reason}; CI=true, so this is a failure, not a skip");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    false
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false)
+        || ["/usr/sbin", "/sbin", "/usr/bin"].iter().any(|d| std::path::Path::new(d).join(tool).is_file())
+}
