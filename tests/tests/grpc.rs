@@ -14,7 +14,9 @@ fn client_and_grpc_server(test: &str) -> Option<(Mesh, Pod, Pod)> {
 
 #[test]
 fn grpc_unary_streaming_and_error_statuses_pass_through_unchanged() {
-    let Some((_mesh, client, server)) = client_and_grpc_server("grpc") else { return };
+    let Some((_mesh, client, server)) = client_and_grpc_server("grpc") else {
+        return;
+    };
     let target = format!("http://{}:50051", server.ip);
 
     let unary = client.testapp(&["grpc-call", "--target", &target, "--call", "unary"]);
@@ -22,32 +24,92 @@ fn grpc_unary_streaming_and_error_statuses_pass_through_unchanged() {
     assert_eq!(unary["message"], "hello over grpc");
     assert_eq!(unary["from"], "grpc-server");
 
-    let stream = client.testapp(&["grpc-call", "--target", &target, "--call", "stream", "--count", "5"]);
+    let stream = client.testapp(&[
+        "grpc-call",
+        "--target",
+        &target,
+        "--call",
+        "stream",
+        "--count",
+        "5",
+    ]);
     assert_eq!(stream["ok"], true, "{stream}");
-    let seqs: Vec<u64> = stream["items"].as_array().unwrap().iter().map(|i| i["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = stream["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, [0, 1, 2, 3, 4]);
 
     // NOT_FOUND (5) with a message and trailing metadata, carried in trailers by both proxies.
-    let fail = client.testapp(&["grpc-call", "--target", &target, "--call", "fail", "--code", "5"]);
+    let fail = client.testapp(&[
+        "grpc-call",
+        "--target",
+        &target,
+        "--call",
+        "fail",
+        "--code",
+        "5",
+    ]);
     assert_eq!(fail["ok"], false);
     assert_eq!(fail["code"], 5, "{fail}");
     assert_eq!(fail["message"], "failing on purpose");
     assert_eq!(fail["metadata"]["x-detail"], "from-the-app");
 
     let (c, s) = (client.metrics(), server.metrics());
-    assert_eq!(c.sum("trellis_requests_total", &[("direction", "outbound"), ("protocol", "http2"), ("status", "200")]), 3.0);
-    assert_eq!(s.sum("trellis_requests_total", &[("direction", "inbound"), ("protocol", "http2"), ("status", "200")]), 3.0);
+    assert_eq!(
+        c.sum(
+            "trellis_requests_total",
+            &[
+                ("direction", "outbound"),
+                ("protocol", "http2"),
+                ("status", "200")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        s.sum(
+            "trellis_requests_total",
+            &[
+                ("direction", "inbound"),
+                ("protocol", "http2"),
+                ("status", "200")
+            ]
+        ),
+        3.0
+    );
     // One pooled HTTP/2 connection per hop carried all three calls' worth of requests.
-    assert!(c.sum("trellis_upstream_connections_opened_total", &[("protocol", "http2")]) <= 3.0);
+    assert!(
+        c.sum(
+            "trellis_upstream_connections_opened_total",
+            &[("protocol", "http2")]
+        ) <= 3.0
+    );
 }
 
 #[test]
 fn grpc_callers_get_unavailable_with_the_cause_when_the_proxy_fails() {
-    let Some((_mesh, client, server)) = client_and_grpc_server("grpc_errors") else { return };
+    let Some((_mesh, client, server)) = client_and_grpc_server("grpc_errors") else {
+        return;
+    };
     // No server on 50052: the server's sidecar answers a trailers-only UNAVAILABLE.
-    let out = client.testapp(&["grpc-call", "--target", &format!("http://{}:50052", server.ip), "--call", "unary"]);
+    let out = client.testapp(&[
+        "grpc-call",
+        "--target",
+        &format!("http://{}:50052", server.ip),
+        "--call",
+        "unary",
+    ]);
     assert_eq!(out["ok"], false);
     assert_eq!(out["code"], 14, "UNAVAILABLE: {out}");
-    assert!(out["message"].as_str().unwrap().starts_with("connect-refused"), "{out}");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("connect-refused"),
+        "{out}"
+    );
     assert_eq!(out["metadata"]["trellis-error"], "connect-refused");
 }

@@ -6,7 +6,9 @@ use trellis_tests::harness::Mesh;
 
 #[test]
 fn each_request_crosses_exactly_one_outbound_and_one_inbound_proxy() {
-    let Some(mesh) = Mesh::new("no_loop") else { return };
+    let Some(mesh) = Mesh::new("no_loop") else {
+        return;
+    };
     let server = mesh.pod("server");
     server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
     server.start_sidecar(&[]);
@@ -17,20 +19,36 @@ fn each_request_crosses_exactly_one_outbound_and_one_inbound_proxy() {
         assert_eq!(client.curl(&[&server.url(8080, "/")]).status, 200);
     }
     let (c, s) = (client.metrics(), server.metrics());
-    let requests = |m: &trellis_tests::harness::Scrape, d| m.sum("trellis_requests_total", &[("direction", d)]);
+    let requests = |m: &trellis_tests::harness::Scrape, d| {
+        m.sum("trellis_requests_total", &[("direction", d)])
+    };
     assert_eq!(requests(&c, "outbound"), 10.0);
     assert_eq!(requests(&c, "inbound"), 0.0);
     assert_eq!(requests(&s, "inbound"), 10.0);
     // The server proxy's connections to its app were not intercepted as the pod's outbound.
     assert_eq!(requests(&s, "outbound"), 0.0);
-    assert_eq!(s.sum("trellis_tcp_connections_opened_total", &[("direction", "outbound")]), 0.0);
+    assert_eq!(
+        s.sum(
+            "trellis_tcp_connections_opened_total",
+            &[("direction", "outbound")]
+        ),
+        0.0
+    );
     // The client proxy's connections to the server were not intercepted again by its own rules.
-    assert_eq!(c.sum("trellis_tcp_connections_opened_total", &[("direction", "outbound")]), 10.0);
+    assert_eq!(
+        c.sum(
+            "trellis_tcp_connections_opened_total",
+            &[("direction", "outbound")]
+        ),
+        10.0
+    );
 }
 
 #[test]
 fn loopback_traffic_is_not_intercepted() {
-    let Some(mesh) = Mesh::new("loopback") else { return };
+    let Some(mesh) = Mesh::new("loopback") else {
+        return;
+    };
     let pod = mesh.pod("pod");
     pod.spawn_app(&["http", "--listen", "127.0.0.1:9000", "--name", "local"]);
     pod.start_sidecar(&[]);
@@ -38,12 +56,19 @@ fn loopback_traffic_is_not_intercepted() {
     assert_eq!(rsp.status, 200);
     assert_eq!(rsp.body, "hello from local\n");
     let m = pod.metrics();
-    assert_eq!(m.sum("trellis_tcp_connections_opened_total", &[]), 0.0, "{}", m.text);
+    assert_eq!(
+        m.sum("trellis_tcp_connections_opened_total", &[]),
+        0.0,
+        "{}",
+        m.text
+    );
 }
 
 #[test]
 fn connections_to_the_proxys_own_listeners_are_refused_not_dialled() {
-    let Some(mesh) = Mesh::new("self_loop") else { return };
+    let Some(mesh) = Mesh::new("self_loop") else {
+        return;
+    };
     let server = mesh.pod("server");
     server.start_sidecar(&[]);
     let client = mesh.pod("client");
@@ -60,7 +85,13 @@ fn connections_to_the_proxys_own_listeners_are_refused_not_dialled() {
     assert_eq!(rsp.status, 502);
     assert_eq!(rsp.header("trellis-error"), Some("no-original-destination"));
     let m = server.metrics();
-    assert_eq!(m.sum("trellis_proxy_errors_total", &[("cause", "no-original-destination")]), 2.0);
+    assert_eq!(
+        m.sum(
+            "trellis_proxy_errors_total",
+            &[("cause", "no-original-destination")]
+        ),
+        2.0
+    );
     // Nothing was dialled on the proxy's behalf.
     assert_eq!(m.sum("trellis_upstream_connections_opened_total", &[]), 0.0);
 }

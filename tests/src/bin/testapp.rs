@@ -22,7 +22,10 @@ use trellis_tests::echo::echo_server::{Echo, EchoServer};
 use trellis_tests::echo::{EchoReply, EchoRequest, FailRequest, StreamRequest};
 
 #[derive(Parser)]
-#[command(name = "trellis-testapp", about = "Test applications and clients for Trellis pods")]
+#[command(
+    name = "trellis-testapp",
+    about = "Test applications and clients for Trellis pods"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -108,15 +111,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         Cmd::TcpEcho { listen } => serve_tcp(listen, None).await,
         Cmd::Banner { listen, banner } => serve_tcp(listen, Some(banner)).await,
         Cmd::HttpGet { url, h2 } => http_get(url, h2).await,
-        Cmd::GrpcCall { target, call, count, code } => grpc_call(target, &call, count, code).await,
-        Cmd::TcpCall { connect, send, read_banner } => tcp_call(connect, send, read_banner).await,
+        Cmd::GrpcCall {
+            target,
+            call,
+            count,
+            code,
+        } => grpc_call(target, &call, count, code).await,
+        Cmd::TcpCall {
+            connect,
+            send,
+            read_banner,
+        } => tcp_call(connect, send, read_banner).await,
         Cmd::WsCall { connect, send } => ws_call(connect, send).await,
     }
 }
 
 // ---- HTTP server ----
 
-async fn serve_http(listen: SocketAddr, name: String) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn serve_http(
+    listen: SocketAddr,
+    name: String,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = TcpListener::bind(listen).await?;
     let name: &'static str = Box::leak(name.into_boxed_str());
     loop {
@@ -130,7 +145,11 @@ async fn serve_http(listen: SocketAddr, name: String) -> Result<(), Box<dyn std:
     }
 }
 
-async fn handle_http(mut req: Request<Incoming>, name: &'static str, peer: SocketAddr) -> Result<Response<Body>, Infallible> {
+async fn handle_http(
+    mut req: Request<Incoming>,
+    name: &'static str,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
     if req.headers().contains_key(http::header::UPGRADE) {
         let upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -188,13 +207,21 @@ async fn handle_http(mut req: Request<Incoming>, name: &'static str, peer: Socke
                             hash.update(data);
                         }
                     }
-                    Err(e) => return Ok(status(StatusCode::BAD_REQUEST, format!("body error: {e}"))),
+                    Err(e) => {
+                        return Ok(status(StatusCode::BAD_REQUEST, format!("body error: {e}")));
+                    }
                 }
             }
-            Response::new(full(json!({"bytes": bytes, "fnv64": format!("{:016x}", hash.0), "from": name}).to_string()))
+            Response::new(full(
+                json!({"bytes": bytes, "fnv64": format!("{:016x}", hash.0), "from": name})
+                    .to_string(),
+            ))
         }
         "/stream" => {
-            let (chunks, interval) = (num("chunks", 5), Duration::from_millis(num("interval_ms", 100)));
+            let (chunks, interval) = (
+                num("chunks", 5),
+                Duration::from_millis(num("interval_ms", 100)),
+            );
             let stream = futures_util::stream::unfold(0u64, move |i| async move {
                 if i >= chunks {
                     return None;
@@ -202,9 +229,13 @@ async fn handle_http(mut req: Request<Incoming>, name: &'static str, peer: Socke
                 if i > 0 {
                     tokio::time::sleep(interval).await;
                 }
-                Some((Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))), i + 1))
+                Some((
+                    Ok::<_, Infallible>(Frame::data(Bytes::from(format!("chunk {i}\n")))),
+                    i + 1,
+                ))
             });
-            let stream: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>> = Box::pin(stream);
+            let stream: Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>> =
+                Box::pin(stream);
             Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)))
         }
         "/slow" => {
@@ -212,13 +243,22 @@ async fn handle_http(mut req: Request<Incoming>, name: &'static str, peer: Socke
             Response::new(full(format!("slow response from {name}\n")))
         }
         p if p.starts_with("/status/") => {
-            let code = p["/status/".len()..].parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
-            status(code.unwrap_or(StatusCode::BAD_REQUEST), format!("status from {name}\n"))
+            let code = p["/status/".len()..]
+                .parse()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok());
+            status(
+                code.unwrap_or(StatusCode::BAD_REQUEST),
+                format!("status from {name}\n"),
+            )
         }
         _ => {
             let mut rsp = Response::new(full(format!("hello from {name}\n")));
             // An app must not be able to forge the proxy's error header.
-            rsp.headers_mut().insert("trellis-error", http::HeaderValue::from_static("forged-by-app"));
+            rsp.headers_mut().insert(
+                "trellis-error",
+                http::HeaderValue::from_static("forged-by-app"),
+            );
             rsp
         }
     };
@@ -259,9 +299,16 @@ type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, tonic::Status>> +
 
 #[tonic::async_trait]
 impl Echo for EchoSvc {
-    async fn unary(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+    async fn unary(
+        &self,
+        req: tonic::Request<EchoRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         let message = req.into_inner().message;
-        Ok(tonic::Response::new(EchoReply { message, from: self.name.clone(), seq: 0 }))
+        Ok(tonic::Response::new(EchoReply {
+            message,
+            from: self.name.clone(),
+            seq: 0,
+        }))
     }
 
     type ServerStreamStream = ReplyStream;
@@ -279,23 +326,41 @@ impl Echo for EchoSvc {
                     return None;
                 }
                 tokio::time::sleep(Duration::from_millis(u64::from(interval_ms))).await;
-                Some((Ok(EchoReply { message: format!("item {seq}"), from, seq }), seq + 1))
+                Some((
+                    Ok(EchoReply {
+                        message: format!("item {seq}"),
+                        from,
+                        seq,
+                    }),
+                    seq + 1,
+                ))
             }
         });
         Ok(tonic::Response::new(Box::pin(stream)))
     }
 
-    async fn fail(&self, req: tonic::Request<FailRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+    async fn fail(
+        &self,
+        req: tonic::Request<FailRequest>,
+    ) -> Result<tonic::Response<EchoReply>, tonic::Status> {
         let FailRequest { code, message } = req.into_inner();
         let mut status = tonic::Status::new(tonic::Code::from(code), message);
-        status.metadata_mut().insert("x-detail", "from-the-app".parse().map_err(|_| tonic::Status::internal("metadata"))?);
+        status.metadata_mut().insert(
+            "x-detail",
+            "from-the-app"
+                .parse()
+                .map_err(|_| tonic::Status::internal("metadata"))?,
+        );
         Err(status)
     }
 }
 
 // ---- TCP servers ----
 
-async fn serve_tcp(listen: SocketAddr, banner: Option<String>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn serve_tcp(
+    listen: SocketAddr,
+    banner: Option<String>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = TcpListener::bind(listen).await?;
     loop {
         let (mut stream, _) = listener.accept().await?;
@@ -315,8 +380,15 @@ async fn serve_tcp(listen: SocketAddr, banner: Option<String>) -> Result<(), Box
 
 // ---- clients ----
 
-async fn http_get(url: http::Uri, h2: bool) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let host = url.host().ok_or("url has no host")?.trim_matches(['[', ']']).to_string();
+async fn http_get(
+    url: http::Uri,
+    h2: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let host = url
+        .host()
+        .ok_or("url has no host")?
+        .trim_matches(['[', ']'])
+        .to_string();
     let port = url.port_u16().unwrap_or(80);
     let start = Instant::now();
     let stream = TcpStream::connect((host.as_str(), port)).await?;
@@ -325,20 +397,28 @@ async fn http_get(url: http::Uri, h2: bool) -> Result<(), Box<dyn std::error::Er
         .header("host", url.authority().map(|a| a.as_str()).unwrap_or(&host))
         .body(Full::new(Bytes::new()))?;
     let rsp = if h2 {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         send.send_request(req).await?
     } else {
         let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(conn);
         let mut req = req;
-        *req.uri_mut() = url.path_and_query().map(|p| p.as_str()).unwrap_or("/").parse()?;
+        *req.uri_mut() = url
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .parse()?;
         send.send_request(req).await?
     };
     let headers_ms = start.elapsed().as_secs_f64() * 1e3;
     let status = rsp.status().as_u16();
-    let headers: serde_json::Map<String, serde_json::Value> =
-        rsp.headers().iter().map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or("")))).collect();
+    let headers: serde_json::Map<String, serde_json::Value> = rsp
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+        .collect();
     let mut body = rsp.into_body();
     let (mut first_body_ms, mut bytes, mut text) = (None, 0usize, Vec::new());
     while let Some(frame) = body.frame().await {
@@ -359,24 +439,42 @@ async fn http_get(url: http::Uri, h2: bool) -> Result<(), Box<dyn std::error::Er
     Ok(())
 }
 
-async fn grpc_call(target: String, call: &str, count: u32, code: i32) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn grpc_call(
+    target: String,
+    call: &str,
+    count: u32,
+    code: i32,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut client = EchoClient::connect(target).await?;
     let out = match call {
-        "unary" => match client.unary(EchoRequest { message: "hello over grpc".into() }).await {
+        "unary" => match client
+            .unary(EchoRequest {
+                message: "hello over grpc".into(),
+            })
+            .await
+        {
             Ok(rsp) => {
                 let r = rsp.into_inner();
                 json!({"ok": true, "message": r.message, "from": r.from})
             }
             Err(s) => status_json(&s),
         },
-        "stream" => match client.server_stream(StreamRequest { count, interval_ms: 20 }).await {
+        "stream" => match client
+            .server_stream(StreamRequest {
+                count,
+                interval_ms: 20,
+            })
+            .await
+        {
             Ok(rsp) => {
                 let mut stream = rsp.into_inner();
                 let mut items = Vec::new();
                 let mut end = json!({"ok": true});
                 loop {
                     match stream.message().await {
-                        Ok(Some(item)) => items.push(json!({"seq": item.seq, "message": item.message})),
+                        Ok(Some(item)) => {
+                            items.push(json!({"seq": item.seq, "message": item.message}))
+                        }
                         Ok(None) => break,
                         Err(s) => {
                             end = status_json(&s);
@@ -388,7 +486,13 @@ async fn grpc_call(target: String, call: &str, count: u32, code: i32) -> Result<
             }
             Err(s) => status_json(&s),
         },
-        "fail" => match client.fail(FailRequest { code, message: "failing on purpose".into() }).await {
+        "fail" => match client
+            .fail(FailRequest {
+                code,
+                message: "failing on purpose".into(),
+            })
+            .await
+        {
             Ok(_) => json!({"ok": true}),
             Err(s) => status_json(&s),
         },
@@ -403,14 +507,20 @@ fn status_json(s: &tonic::Status) -> serde_json::Value {
         .metadata()
         .iter()
         .filter_map(|kv| match kv {
-            tonic::metadata::KeyAndValueRef::Ascii(k, v) => Some((k.to_string(), json!(v.to_str().unwrap_or("")))),
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                Some((k.to_string(), json!(v.to_str().unwrap_or(""))))
+            }
             _ => None,
         })
         .collect();
     json!({"ok": false, "code": s.code() as i32, "message": s.message(), "metadata": metadata})
 }
 
-async fn tcp_call(connect: SocketAddr, send: String, read_banner: bool) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn tcp_call(
+    connect: SocketAddr,
+    send: String,
+    read_banner: bool,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let start = Instant::now();
     let mut stream = TcpStream::connect(connect).await?;
     let mut banner = String::new();
@@ -433,9 +543,14 @@ async fn tcp_call(connect: SocketAddr, send: String, read_banner: bool) -> Resul
     Ok(())
 }
 
-async fn ws_call(connect: SocketAddr, send: String) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn ws_call(
+    connect: SocketAddr,
+    send: String,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut stream = TcpStream::connect(connect).await?;
-    let req = format!("GET /ws HTTP/1.1\r\nHost: {connect}\r\nConnection: Upgrade\r\nUpgrade: testecho\r\n\r\n");
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {connect}\r\nConnection: Upgrade\r\nUpgrade: testecho\r\n\r\n"
+    );
     stream.write_all(req.as_bytes()).await?;
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -450,6 +565,9 @@ async fn ws_call(connect: SocketAddr, send: String) -> Result<(), Box<dyn std::e
     let mut echo = vec![0u8; send.len()];
     tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut echo)).await??;
     let status_line = head.lines().next().unwrap_or("").to_string();
-    println!("{}", json!({"status_line": status_line, "echo": String::from_utf8_lossy(&echo)}));
+    println!(
+        "{}",
+        json!({"status_line": status_line, "echo": String::from_utf8_lossy(&echo)})
+    );
     Ok(())
 }

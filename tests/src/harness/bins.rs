@@ -26,7 +26,10 @@ fn locate(name: &str, env: &str) -> PathBuf {
     }
     let exe = std::env::current_exe().expect("the test executable has a path");
     let dir = exe.parent().expect("the test executable is in a folder");
-    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ];
     let found = candidates.iter().find(|p| p.is_file()).unwrap_or_else(|| {
         panic!(
             "{name} not found next to {} — build it first: `cargo build --workspace --bins` \
@@ -39,23 +42,35 @@ fn locate(name: &str, env: &str) -> PathBuf {
 
 /// `path` itself if every folder above it is world-searchable, else a world-readable copy.
 fn reachable_by_everyone(path: &Path) -> PathBuf {
-    let open = path
-        .ancestors()
-        .skip(1)
-        .all(|dir| std::fs::metadata(dir).map(|m| m.permissions().mode() & 0o001 != 0).unwrap_or(false));
+    let open = path.ancestors().skip(1).all(|dir| {
+        std::fs::metadata(dir)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(false)
+    });
     if open {
         return path.to_path_buf();
     }
     let meta = std::fs::metadata(path).expect("binary metadata");
-    let stamp = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos()).unwrap_or(0);
+    let stamp = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     let dir = PathBuf::from(format!("/tmp/trellis-bin-{}-{stamp}", meta.len()));
     let target = dir.join(path.file_name().expect("binary file name"));
     if !target.is_file() {
         std::fs::create_dir_all(&dir).expect("create /tmp binary folder");
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod binary folder");
-        let tmp = dir.join(format!(".{}.{}", std::process::id(), target.file_name().and_then(|n| n.to_str()).unwrap_or("bin")));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod binary folder");
+        let tmp = dir.join(format!(
+            ".{}.{}",
+            std::process::id(),
+            target.file_name().and_then(|n| n.to_str()).unwrap_or("bin")
+        ));
         std::fs::copy(path, &tmp).expect("copy binary");
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod binary");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod binary");
         std::fs::rename(&tmp, &target).expect("move binary into place");
     }
     target

@@ -28,17 +28,31 @@ impl Mesh {
     /// A new, empty mesh; `None` (with the reason printed) when this process lacks the
     /// privileges, outside CI. In CI (`CI=true`) missing privileges panic instead.
     pub fn new(test: &str) -> Option<Self> {
-        if !privileged(test) {
-            return None;
-        }
+        privileged(test).then(Self::create)
+    }
+
+    /// A new, empty mesh; the caller has checked [`super::missing_privileges`].
+    pub fn create() -> Self {
         Netns::sweep_stale("trl-");
-        let id = format!("trl-{}-{}", std::process::id(), MESHES.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "trl-{}-{}",
+            std::process::id(),
+            MESHES.fetch_add(1, Ordering::Relaxed)
+        );
         let dir = std::env::temp_dir().join(&id);
         std::fs::create_dir_all(&dir).expect("create the mesh's log folder");
         let hub = Netns::create(&format!("{id}-hub"));
-        run("ip", &["-n", hub.name(), "link", "add", "br0", "type", "bridge"]);
+        run(
+            "ip",
+            &["-n", hub.name(), "link", "add", "br0", "type", "bridge"],
+        );
         run("ip", &["-n", hub.name(), "link", "set", "br0", "up"]);
-        Some(Self { id, dir, next_pod: AtomicU32::new(1), hub })
+        Self {
+            id,
+            dir,
+            next_pod: AtomicU32::new(1),
+            hub,
+        }
     }
 
     /// Adds a pod named `name`, attached to the mesh's bridge.
@@ -48,12 +62,55 @@ impl Mesh {
         let ns = Netns::create(&format!("{}-{name}", self.id));
         let hub = self.hub.name();
         let port = format!("v{n}");
-        run("ip", &["-n", hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-        run("ip", &["-n", hub, "link", "set", &port, "master", "br0", "up"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                hub,
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ],
+        );
+        run(
+            "ip",
+            &["-n", hub, "link", "set", &port, "master", "br0", "up"],
+        );
         let ip = Ipv4Addr::new(10, 77, 0, (n + 1) as u8);
         let ip6: Ipv6Addr = format!("fd77::{}", n + 1).parse().expect("valid IPv6");
-        run("ip", &["-n", ns.name(), "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        run("ip", &["-n", ns.name(), "-6", "addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        run(
+            "ip",
+            &[
+                "-n",
+                ns.name(),
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        run(
+            "ip",
+            &[
+                "-n",
+                ns.name(),
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ],
+        );
         run("ip", &["-n", ns.name(), "link", "set", "eth0", "up"]);
         Pod {
             name: name.to_string(),
@@ -106,7 +163,11 @@ pub struct CurlResult {
 
 impl CurlResult {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .rev()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -138,7 +199,12 @@ impl Pod {
     /// Installs the interception rules (defaults) and starts the sidecar, as an injected pod has.
     pub fn start_sidecar(&self, run_args: &[&str]) {
         let out = self.init(&[]);
-        assert!(out.status.success(), "init in {} failed: {}", self.name, String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "init in {} failed: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.start_proxy(run_args);
     }
 
@@ -155,12 +221,21 @@ impl Pod {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = proc.try_wait() {
-                panic!("{} proxy exited during startup ({status}):\n{}", self.name, proc.log());
+                panic!(
+                    "{} proxy exited during startup ({status}):\n{}",
+                    self.name,
+                    proc.log()
+                );
             }
             if self.admin_get("/ready").0 == 200 {
                 break;
             }
-            assert!(Instant::now() < deadline, "{} proxy not ready after 15s:\n{}", self.name, proc.log());
+            assert!(
+                Instant::now() < deadline,
+                "{} proxy not ready after 15s:\n{}",
+                self.name,
+                proc.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         *self.proxy.lock().expect("proxy lock") = Some(proc);
@@ -175,7 +250,9 @@ impl Pod {
             .and_then(|a| a.parse().ok())
             .expect("spawn_app needs --listen ADDR");
         let probe = match listen.ip() {
-            ip if ip.is_unspecified() && listen.is_ipv4() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port()),
+            ip if ip.is_unspecified() && listen.is_ipv4() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), listen.port())
+            }
             ip if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), listen.port()),
             _ => listen,
         };
@@ -185,11 +262,22 @@ impl Pod {
         let log = self.dir.join(format!("{}-app-{n}.log", self.name));
         let mut proc = Proc::spawn(&format!("{} app {}", self.name, args[0]), cmd, &log);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.ns.enter(move || TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok()) {
+        while !self
+            .ns
+            .enter(move || TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok())
+        {
             if let Some(status) = proc.try_wait() {
-                panic!("app {args:?} in {} exited ({status}):\n{}", self.name, proc.log());
+                panic!(
+                    "app {args:?} in {} exited ({status}):\n{}",
+                    self.name,
+                    proc.log()
+                );
             }
-            assert!(Instant::now() < deadline, "app {args:?} in {} not listening on {probe} after 10s", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "app {args:?} in {} not listening on {probe} after 10s",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         self.apps.lock().expect("apps lock").push(proc);
@@ -201,11 +289,18 @@ impl Pod {
         let headers_file = self.dir.join(format!("{}-curl-{n}.headers", self.name));
         let body_file = self.dir.join(format!("{}-curl-{n}.body", self.name));
         let mut cmd = self.ns.command("curl");
-        cmd.args(["-sS", "--max-time", "30", "-w", "%{http_code} %{time_total}", "-D"])
-            .arg(&headers_file)
-            .arg("-o")
-            .arg(&body_file)
-            .args(args);
+        cmd.args([
+            "-sS",
+            "--max-time",
+            "30",
+            "-w",
+            "%{http_code} %{time_total}",
+            "-D",
+        ])
+        .arg(&headers_file)
+        .arg("-o")
+        .arg(&body_file)
+        .args(args);
         let out = cmd.output().expect("run curl");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let mut parts = stdout.split_whitespace();
@@ -220,7 +315,13 @@ impl Pod {
         let body = std::fs::read_to_string(&body_file).unwrap_or_default();
         let _ = std::fs::remove_file(&headers_file);
         let _ = std::fs::remove_file(&body_file);
-        CurlResult { status, headers, body, time_total, stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+        CurlResult {
+            status,
+            headers,
+            body,
+            time_total,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
     }
 
     /// Runs a `trellis-testapp` client command in this pod and parses the JSON it prints.
@@ -235,7 +336,8 @@ impl Pod {
             stdout,
             String::from_utf8_lossy(&out.stderr)
         );
-        serde_json::from_str(stdout.trim().lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("testapp {args:?} printed no JSON ({e}): {stdout}"))
+        serde_json::from_str(stdout.trim().lines().last().unwrap_or(""))
+            .unwrap_or_else(|e| panic!("testapp {args:?} printed no JSON ({e}): {stdout}"))
     }
 
     /// A command run in this pod, as root (an app).
@@ -249,10 +351,12 @@ impl Pod {
     }
 
     pub fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
-        let request = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
+        let request =
+            format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
         self.ns.enter(move || {
             let addr: SocketAddr = ([127, 0, 0, 1], 4191).into();
-            let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
+            else {
                 return (0, String::new());
             };
             let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -261,8 +365,15 @@ impl Pod {
             }
             let mut raw = String::new();
             let _ = stream.read_to_string(&mut raw);
-            let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-            let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+            let status = raw
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let body = raw
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
             (status, body)
         })
     }
@@ -276,7 +387,12 @@ impl Pod {
 
     /// Sends a signal to the sidecar.
     pub fn signal_proxy(&self, signal: i32) {
-        self.proxy.lock().expect("proxy lock").as_ref().expect("no proxy running").signal(signal);
+        self.proxy
+            .lock()
+            .expect("proxy lock")
+            .as_ref()
+            .expect("no proxy running")
+            .signal(signal);
     }
 
     /// Waits for the sidecar to exit; its exit code, or `None` if it is still running.
@@ -286,23 +402,52 @@ impl Pod {
         proc.wait_timeout(timeout).map(|s| s.code().unwrap_or(-1))
     }
 
+    /// The sidecar's process id.
+    pub fn proxy_pid(&self) -> u32 {
+        self.proxy
+            .lock()
+            .expect("proxy lock")
+            .as_ref()
+            .map(|p| p.pid())
+            .expect("no proxy running")
+    }
+
     /// A `/proc/PID/status` field of the sidecar, in kB (`VmRSS`, `VmHWM`).
     pub fn proxy_status_kb(&self, field: &str) -> u64 {
         let proxy = self.proxy.lock().expect("proxy lock");
-        proxy.as_ref().and_then(|p| p.status_kb(field)).unwrap_or_else(|| panic!("{field} of {}'s proxy", self.name))
+        proxy
+            .as_ref()
+            .and_then(|p| p.status_kb(field))
+            .unwrap_or_else(|| panic!("{field} of {}'s proxy", self.name))
     }
 
     /// The sidecar's log so far.
     pub fn proxy_log(&self) -> String {
-        self.proxy.lock().expect("proxy lock").as_ref().map(|p| p.log()).unwrap_or_default()
+        self.proxy
+            .lock()
+            .expect("proxy lock")
+            .as_ref()
+            .map(|p| p.log())
+            .unwrap_or_default()
     }
 
     /// `iptables-save -t nat` (or ip6tables) in this pod with the given backend (`nft`/`legacy`).
     pub fn nat_rules(&self, ipv6: bool, backend: &str) -> String {
-        let tool = format!("{}-{backend}-save", if ipv6 { "ip6tables" } else { "iptables" });
+        let tool = format!(
+            "{}-{backend}-save",
+            if ipv6 { "ip6tables" } else { "iptables" }
+        );
         let out = self.ns.exec(&tool, &["-t", "nat"]);
-        assert!(out.status.success(), "{tool}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Drop the comment lines with timestamps, so that two dumps compare equal.
-        String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n")
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }

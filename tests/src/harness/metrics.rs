@@ -20,7 +20,10 @@ impl Scrape {
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .filter_map(parse_line)
             .collect();
-        Self { samples, text: text.to_string() }
+        Self {
+            samples,
+            text: text.to_string(),
+        }
     }
 
     /// The sum of every series of `name` whose labels include all of `labels`.
@@ -28,9 +31,14 @@ impl Scrape {
         self.samples
             .iter()
             .filter(|s| s.name == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v)))
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
             .map(|s| s.value)
-            .sum()
+            .sum::<f64>()
+            + 0.0 // an empty f64 sum is -0.0, which would print as "-0"
     }
 }
 
@@ -52,7 +60,11 @@ fn parse_line(line: &str) -> Option<Sample> {
         }
         None => (series.to_string(), Vec::new()),
     };
-    Some(Sample { name, labels, value })
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
 }
 
 #[cfg(test)]
@@ -66,8 +78,14 @@ mod tests {
              trellis_requests_total{direction=\"outbound\",protocol=\"http2\",status=\"200\"} 2\n\
              trellis_requests_total{direction=\"inbound\",protocol=\"http1\",status=\"200\"} 7\n",
         );
-        assert_eq!(s.sum("trellis_requests_total", &[("direction", "outbound")]), 5.0);
-        assert_eq!(s.sum("trellis_requests_total", &[("protocol", "http1")]), 10.0);
+        assert_eq!(
+            s.sum("trellis_requests_total", &[("direction", "outbound")]),
+            5.0
+        );
+        assert_eq!(
+            s.sum("trellis_requests_total", &[("protocol", "http1")]),
+            10.0
+        );
         assert_eq!(s.sum("trellis_requests_total", &[("status", "500")]), 0.0);
     }
 }

@@ -32,20 +32,39 @@ pub use process::Proc;
 /// The UID the sidecar runs as in every pod (the `init` default).
 pub const PROXY_UID: u32 = 2102;
 
-/// Whether this process may create network namespaces and iptables rules. Without that, a test
-/// fails when `CI=true` (CI runs as root and must run every test) and is skipped otherwise, with
-/// the reason printed either way.
-pub fn privileged(test: &str) -> bool {
+/// Why this process cannot create network namespaces and iptables rules, if it cannot.
+pub fn missing_privileges() -> Option<String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
-    let missing: Vec<&str> = ["ip", "iptables-nft-restore", "setpriv", "curl"]
-        .into_iter()
-        .filter(|tool| !which(tool))
-        .collect();
-    let reason = match (root, missing.is_empty()) {
-        (true, true) => return true,
-        (false, _) => "needs root to create network namespaces and iptables rules (run as root, as CI does)".to_string(),
-        (true, false) => format!("needs these tools: {} (apt-get install iproute2 iptables util-linux curl)", missing.join(", ")),
+    let missing: Vec<&str> = [
+        "ip",
+        "iptables-nft-restore",
+        "iptables-legacy-restore",
+        "setpriv",
+        "curl",
+    ]
+    .into_iter()
+    .filter(|tool| !which(tool))
+    .collect();
+    match (root, missing.is_empty()) {
+        (true, true) => None,
+        (false, _) => Some(
+            "needs root: it creates network namespaces (ip netns), veth pairs and iptables rules, \
+             and runs the proxy as UID 2102"
+                .to_string(),
+        ),
+        (true, false) => Some(format!(
+            "needs these tools: {} (apt-get install iproute2 iptables util-linux curl)",
+            missing.join(", ")
+        )),
+    }
+}
+
+/// Whether a test may run. Without privileges a test fails when `CI=true` (CI runs as root and
+/// must run every test) and is skipped otherwise, with the reason printed either way.
+pub fn privileged(test: &str) -> bool {
+    let Some(reason) = missing_privileges() else {
+        return true;
     };
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{test}: {reason}; CI=true, so this is a failure, not a skip");
@@ -58,5 +77,7 @@ fn which(tool: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
         .unwrap_or(false)
-        || ["/usr/sbin", "/sbin", "/usr/bin"].iter().any(|d| std::path::Path::new(d).join(tool).is_file())
+        || ["/usr/sbin", "/sbin", "/usr/bin"]
+            .iter()
+            .any(|d| std::path::Path::new(d).join(tool).is_file())
 }

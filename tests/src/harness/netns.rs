@@ -11,7 +11,9 @@ impl Netns {
     /// Creates the namespace with its loopback interface up.
     pub fn create(name: &str) -> Self {
         run("ip", &["netns", "add", name]);
-        let ns = Self { name: name.to_string() };
+        let ns = Self {
+            name: name.to_string(),
+        };
         run("ip", &["-n", name, "link", "set", "lo", "up"]);
         ns
     }
@@ -29,7 +31,10 @@ impl Netns {
 
     /// Runs a command inside the namespace and returns its output (whatever its exit status).
     pub fn exec(&self, program: &str, args: &[&str]) -> Output {
-        self.command(program).args(args).output().unwrap_or_else(|e| panic!("running {program} in {}: {e}", self.name))
+        self.command(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {program} in {}: {e}", self.name))
     }
 
     /// Runs `f` on a thread that has entered this namespace: sockets it opens live here.
@@ -48,10 +53,14 @@ impl Netns {
 
     /// Deletes namespaces left behind by test processes that no longer exist.
     pub fn sweep_stale(prefix: &str) {
-        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else { return };
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let name = line.split_whitespace().next().unwrap_or("");
-            let Some(rest) = name.strip_prefix(prefix) else { continue };
+            let Some(rest) = name.strip_prefix(prefix) else {
+                continue;
+            };
             let pid = rest.split('-').next().unwrap_or("");
             if !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 kill_all_in(name);
@@ -75,13 +84,18 @@ fn kill_all_in(name: &str) {
 impl Drop for Netns {
     fn drop(&mut self) {
         kill_all_in(&self.name);
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 /// Runs a setup command that must succeed.
 pub(crate) fn run(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("running {program}: {e}"));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {} failed: {}",

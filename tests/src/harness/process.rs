@@ -13,7 +13,8 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
-        let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        let file =
+            std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
         let err = file.try_clone().expect("clone log file handle");
         let child = cmd
             .stdin(Stdio::null())
@@ -21,7 +22,12 @@ impl Proc {
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
-        Self { name: name.to_string(), child, log: log.to_path_buf(), exited: None }
+        Self {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+            exited: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -76,7 +82,11 @@ impl Drop for Proc {
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("---- last lines of {} ({}) ----", self.name, self.log.display());
+            eprintln!(
+                "---- last lines of {} ({}) ----",
+                self.name,
+                self.log.display()
+            );
             for line in tail.into_iter().rev() {
                 eprintln!("{line}");
             }

@@ -1,0 +1,144 @@
+//! `trellis-quickbench`: early performance signals through real pods (not part of the test
+//! suite; numbers go in the README). Measures `wrk -t1 -c50` against the test HTTP app directly
+//! (pods without sidecars) and through both sidecars, plus the proxies' idle and loaded RSS and
+//! CPU time per request. The side-by-side benchmark against haproxy is a separate, later tool.
+//!
+//! Usage: trellis-quickbench [SECONDS]   (root; wrk installed)
+
+use std::process::ExitCode;
+
+use trellis_tests::harness::{Mesh, Pod, missing_privileges};
+
+fn main() -> ExitCode {
+    if let Some(reason) = missing_privileges() {
+        eprintln!("trellis-quickbench {reason}");
+        return ExitCode::from(2);
+    }
+    let secs: u32 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let mesh = Mesh::create();
+    let plain_server = mesh.pod("plain-server");
+    plain_server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "plain"]);
+    let plain_client = mesh.pod("plain-client");
+    let server = mesh.pod("server");
+    server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "meshed"]);
+    server.start_sidecar(&["--access-log", "off"]);
+    let client = mesh.pod("client");
+    client.start_sidecar(&["--access-log", "off"]);
+
+    let idle = (
+        client.proxy_status_kb("VmRSS"),
+        server.proxy_status_kb("VmRSS"),
+    );
+    println!(
+        "idle RSS: client proxy {} kB, server proxy {} kB",
+        idle.0, idle.1
+    );
+
+    let direct = wrk(&plain_client, &plain_server.url(8080, "/"), secs);
+    println!("direct          : {direct}");
+    let cpu_before = (cpu_ticks(&client), cpu_ticks(&server));
+    let meshed = wrk(&client, &server.url(8080, "/"), secs);
+    let cpu_after = (cpu_ticks(&client), cpu_ticks(&server));
+    println!("through 2 sidecars: {meshed}");
+    let ticks = procfs_ticks_per_second();
+    let requests = meshed.requests.max(1.0);
+    println!(
+        "CPU per request: client proxy {:.1} µs, server proxy {:.1} µs",
+        (cpu_after.0 - cpu_before.0) as f64 / ticks * 1e6 / requests,
+        (cpu_after.1 - cpu_before.1) as f64 / ticks * 1e6 / requests,
+    );
+    println!(
+        "RSS after load: client proxy {} kB, server proxy {} kB",
+        client.proxy_status_kb("VmRSS"),
+        server.proxy_status_kb("VmRSS")
+    );
+    ExitCode::SUCCESS
+}
+
+struct WrkResult {
+    rps: f64,
+    requests: f64,
+    p50: String,
+    p99: String,
+    errors: String,
+}
+
+impl std::fmt::Display for WrkResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>9.0} req/s  p50 {:>8}  p99 {:>8}  {}",
+            self.rps, self.p50, self.p99, self.errors
+        )
+    }
+}
+
+fn wrk(pod: &Pod, url: &str, secs: u32) -> WrkResult {
+    let out = pod.exec(
+        "wrk",
+        &["-t1", "-c50", &format!("-d{secs}s"), "--latency", url],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "wrk failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    let errors = text
+        .lines()
+        .filter(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ");
+    WrkResult {
+        rps: field("Requests/sec:").parse().unwrap_or(0.0),
+        requests,
+        p50: field("50%"),
+        p99: field("99%"),
+        errors: if errors.is_empty() {
+            "no errors".into()
+        } else {
+            errors
+        },
+    }
+}
+
+/// utime + stime of the pod's proxy, in clock ticks.
+fn cpu_ticks(pod: &Pod) -> u64 {
+    let pid = pod.proxy_pid();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of /proc/PID/stat; after the comm field they are at index 11 and 12.
+    fields
+        .get(11)
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+}
+
+fn procfs_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
