@@ -210,6 +210,45 @@ fn errors_made_by_the_proxy_name_their_cause_and_apps_cannot_forge_it() {
     assert_eq!(rsp.header("trellis-error"), None);
 }
 
+#[test]
+fn an_upstream_that_never_answers_the_syn_is_a_named_connect_timeout() {
+    let Some(mesh) = Mesh::new("connect_timeout") else {
+        return;
+    };
+    let server = mesh.pod("server");
+    server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
+    let client = mesh.pod("client");
+    client.start_sidecar(&["--connect-timeout", "400ms"]);
+    // Blackhole the client proxy's own SYNs to the server (the app's packets were already
+    // redirected to 127.0.0.1:4140 by the nat table, so this rule sees only the proxy's).
+    let dst = format!("{}", server.ip);
+    let out = client.exec(
+        "iptables-nft",
+        &[
+            "-A", "OUTPUT", "-p", "tcp", "-d", &dst, "--dport", "8080", "-j", "DROP",
+        ],
+    );
+    assert!(out.status.success());
+
+    let rsp = client.curl(&[&server.url(HTTP_PORT, "/")]);
+    assert_eq!(rsp.status, 504, "{rsp:?}");
+    assert_eq!(rsp.header("trellis-error"), Some("connect-timeout"));
+    assert!(rsp.body.contains("timed out after 400ms"), "{}", rsp.body);
+    assert!(
+        rsp.time_total < 5.0,
+        "took {} s with a 400 ms connect timeout",
+        rsp.time_total
+    );
+    let m = client.metrics();
+    assert_eq!(
+        m.sum(
+            "trellis_proxy_errors_total",
+            &[("direction", "outbound"), ("cause", "connect-timeout")]
+        ),
+        1.0
+    );
+}
+
 fn fnv64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)

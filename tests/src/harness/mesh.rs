@@ -208,14 +208,18 @@ impl Pod {
         self.start_proxy(run_args);
     }
 
-    /// Starts `trellis-proxy run` as UID 2102 and waits until `/ready` answers 200.
+    /// Starts `trellis-proxy run` as UID 2102 (JSON logs; `--access-log all` unless `args` says
+    /// otherwise) and waits until `/ready` answers 200.
     pub fn start_proxy(&self, args: &[&str]) {
         let uid = PROXY_UID.to_string();
         let mut cmd = self.ns.command("setpriv");
         cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
             .arg(proxy_bin())
-            .args(["run", "--log-format", "json", "--access-log", "all"])
-            .args(args);
+            .args(["run", "--log-format", "json"]);
+        if !args.contains(&"--access-log") {
+            cmd.args(["--access-log", "all"]);
+        }
+        cmd.args(args);
         let log = self.dir.join(format!("{}-proxy.log", self.name));
         let mut proc = Proc::spawn(&format!("{} proxy", self.name), cmd, &log);
         let deadline = Instant::now() + Duration::from_secs(15);
