@@ -3,13 +3,11 @@
 use trellis_tests::harness::{Mesh, Pod};
 
 fn client_and_grpc_server(test: &str) -> Option<(Mesh, Pod, Pod)> {
-    let mesh = Mesh::new(test)?;
-    let server = mesh.pod("server");
-    server.spawn_app(&["grpc", "--listen", "0.0.0.0:50051", "--name", "grpc-server"]);
-    server.start_sidecar(&[]);
-    let client = mesh.pod("client");
-    client.start_sidecar(&[]);
-    Some((mesh, client, server))
+    Mesh::client_and_server(
+        test,
+        &["grpc", "--listen", "0.0.0.0:50051", "--name", "grpc-server"],
+        &[],
+    )
 }
 
 #[test]

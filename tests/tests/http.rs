@@ -7,13 +7,11 @@ const HTTP_PORT: u16 = 8080;
 
 /// A client pod and a server pod running the test HTTP app, both with sidecars.
 fn client_and_server(test: &str) -> Option<(Mesh, Pod, Pod)> {
-    let mesh = Mesh::new(test)?;
-    let server = mesh.pod("server");
-    server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
-    server.start_sidecar(&[]);
-    let client = mesh.pod("client");
-    client.start_sidecar(&[]);
-    Some((mesh, client, server))
+    Mesh::client_and_server(
+        test,
+        &["http", "--listen", "0.0.0.0:8080", "--name", "server"],
+        &[],
+    )
 }
 
 #[test]

@@ -124,6 +124,22 @@ impl Mesh {
         }
     }
 
+    /// The common scenario: a `server` pod running the test app `server_app` with a sidecar
+    /// started with `server_proxy_args`, and a `client` pod with a default sidecar.
+    pub fn client_and_server(
+        test: &str,
+        server_app: &[&str],
+        server_proxy_args: &[&str],
+    ) -> Option<(Self, Pod, Pod)> {
+        let mesh = Self::new(test)?;
+        let server = mesh.pod("server");
+        server.spawn_app(server_app);
+        server.start_sidecar(server_proxy_args);
+        let client = mesh.pod("client");
+        client.start_sidecar(&[]);
+        Some((mesh, client, server))
+    }
+
     /// Where this mesh's process logs are written.
     pub fn log_dir(&self) -> &std::path::Path {
         &self.dir
