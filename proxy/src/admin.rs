@@ -81,13 +81,23 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) -> std::io
                     };
                     let state = state.clone();
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            let state = state.clone();
-                            async move { Ok::<_, Infallible>(route(&state, peer, req)) }
-                        });
+                        let shutdown_requested = Arc::new(AtomicBool::new(false));
+                        let svc = {
+                            let (state, requested) = (state.clone(), shutdown_requested.clone());
+                            hyper::service::service_fn(move |req| {
+                                let rsp = route(&state, peer, req, &requested);
+                                async move { Ok::<_, Infallible>(rsp) }
+                            })
+                        };
                         let _ = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), svc)
                             .await;
+                        // Only now: the response to POST /shutdown has been written and the
+                        // connection closed, so the caller sees "draining" even when the drain
+                        // completes (and the process exits) at once.
+                        if shutdown_requested.load(Ordering::Acquire) {
+                            state.shutdown.notify_one();
+                        }
                     });
                 }
             })
@@ -95,7 +105,12 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) -> std::io
     Ok(())
 }
 
-fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(
+    state: &AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    shutdown_requested: &AtomicBool,
+) -> Response<Full<Bytes>> {
     let loopback = peer.ip().is_loopback()
         || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
     match (req.method(), req.uri().path()) {
@@ -130,8 +145,13 @@ fn route(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Respon
             rsp
         }
         (&Method::POST, "/shutdown") if loopback => {
-            state.shutdown.notify_one();
-            text(StatusCode::OK, "draining\n")
+            shutdown_requested.store(true, Ordering::Release);
+            let mut rsp = text(StatusCode::OK, "draining\n");
+            rsp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            rsp
         }
         (_, "/config" | "/shutdown") if !loopback => text(
             StatusCode::FORBIDDEN,
