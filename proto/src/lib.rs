@@ -1,6 +1,9 @@
-//! Trellis gRPC contracts.
+//! Trellis contracts shared by the proxy and the control plane.
 //!
-//! This crate will hold the `.proto` files for `ConfigService`, `IdentityService` and
-//! `PolicyService` and the tonic/prost code generated from them (with protox, no protoc). The
-//! services are designed together with the control plane that serves them; until then the crate
-//! is intentionally empty so that the workspace layout of `../shared/DESIGN.md` is in place.
+//! - [`policy`]: the policy model — `TrafficPolicy` and `ServerPolicy` documents as people write
+//!   them in YAML, parsed into typed values and validated with errors that name the field.
+//!
+//! The gRPC services (`ConfigService`, `IdentityService`, `PolicyService`) join this crate with
+//! the control plane.
+
+pub mod policy;
