@@ -24,16 +24,15 @@ pub struct AdminState {
     ready: AtomicBool,
     draining: AtomicBool,
     metrics: Arc<Metrics>,
-    config: serde_json::Value,
+    config: ConfigFn,
     shutdown: Arc<Notify>,
 }
 
+/// Produces the `/config` document (the policy in force changes over time).
+pub type ConfigFn = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 impl AdminState {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        config: serde_json::Value,
-        shutdown: Arc<Notify>,
-    ) -> Arc<Self> {
+    pub fn new(metrics: Arc<Metrics>, config: ConfigFn, shutdown: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
@@ -136,7 +135,7 @@ fn route(
             rsp
         }
         (&Method::GET, "/config") if loopback => {
-            let body = serde_json::to_vec_pretty(&state.config).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&(state.config)()).unwrap_or_default();
             let mut rsp = Response::new(Full::new(Bytes::from(body)));
             rsp.headers_mut().insert(
                 header::CONTENT_TYPE,

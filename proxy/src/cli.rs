@@ -35,7 +35,7 @@ pub enum Command {
     /// Run the proxy (the default when no subcommand is given).
     Run {
         #[command(flatten)]
-        args: RunArgs,
+        args: Box<RunArgs>,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -95,6 +95,30 @@ pub struct RunArgs {
     /// The workload this proxy serves, as NAMESPACE/NAME.
     #[arg(long, env = "TRELLIS_WORKLOAD", value_parser = parse_workload)]
     pub workload: Option<String>,
+
+    /// The workload's service account (selects the ServerPolicies that apply to this proxy).
+    #[arg(long, env = "TRELLIS_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
+    /// Static policy: TrafficPolicy and ServerPolicy YAML documents. Re-read when the file
+    /// changes; a version that fails validation is rejected and the policy in force stays.
+    #[arg(long, env = "TRELLIS_POLICY_FILE")]
+    pub policy_file: Option<std::path::PathBuf>,
+
+    /// How often --policy-file is checked for changes.
+    #[arg(long, env = "TRELLIS_POLICY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub policy_poll_interval: Duration,
+
+    /// The cluster's DNS domain, for completing short service names (`reviews.default`).
+    #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// Connections and response bodies with no traffic for this long are closed (0: never). A
+    /// TrafficPolicy's idleTimeout overrides it for its calls.
+    #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
 
     /// The pod's name (Kubernetes downward API).
     #[arg(long, env = "TRELLIS_POD_NAME")]

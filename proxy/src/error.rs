@@ -36,6 +36,27 @@ pub enum ProxyError {
 
     #[error("connection limit of {limit} reached")]
     Overloaded { limit: usize },
+
+    #[error("no response within the policy's timeout of {timeout:?} ({attempts} attempt(s))")]
+    Timeout { timeout: Duration, attempts: u32 },
+
+    #[error(
+        "no response within the per-try timeout of {timeout:?} from {addr} ({attempts} attempt(s))"
+    )]
+    PerTryTimeout {
+        addr: SocketAddr,
+        timeout: Duration,
+        attempts: u32,
+    },
+
+    #[error("retry budget of policy {policy} is spent; last failure: {last}")]
+    RetryBudgetExhausted {
+        policy: String,
+        last: Box<ProxyError>,
+    },
+
+    #[error("all {endpoints} endpoints of policy {policy} are ejected after consecutive failures")]
+    NoHealthyEndpoints { policy: String, endpoints: usize },
 }
 
 impl ProxyError {
@@ -48,17 +69,40 @@ impl ProxyError {
             Self::NoOriginalDestination { .. } => "no-original-destination",
             Self::UpstreamReset { .. } => "upstream-reset",
             Self::Overloaded { .. } => "overloaded",
+            Self::Timeout { .. } => "timeout",
+            Self::PerTryTimeout { .. } => "per-try-timeout",
+            Self::RetryBudgetExhausted { .. } => "retry-budget-exhausted",
+            Self::NoHealthyEndpoints { .. } => "no-healthy-endpoints",
         }
+    }
+
+    /// Whether the upstream refused the HTTP/2 stream (REFUSED_STREAM): the request was not
+    /// processed and may be retried safely.
+    pub fn is_refused_stream(&self) -> bool {
+        let Self::UpstreamReset { source, .. } = self else {
+            return false;
+        };
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+        while let Some(e) = next {
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            next = e.source();
+        }
+        false
     }
 
     /// The HTTP status the proxy answers with when this error ends a request.
     pub fn status(&self) -> StatusCode {
         match self {
             // Nothing listens (yet): typical during rollouts, and safe to retry.
-            Self::ConnectRefused { .. } | Self::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
+            Self::ConnectRefused { .. }
+            | Self::Overloaded { .. }
+            | Self::NoHealthyEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ConnectTimeout { .. } | Self::Timeout { .. } | Self::PerTryTimeout { .. } => {
+                StatusCode::GATEWAY_TIMEOUT
             }
-            Self::ConnectTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::RetryBudgetExhausted { last, .. } => last.status(),
             Self::ConnectUnreachable { .. }
             | Self::NoOriginalDestination { .. }
             | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,

@@ -7,7 +7,10 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use prometheus_client::metrics::counter::Counter;
@@ -77,19 +80,64 @@ impl<T: AsyncWrite> AsyncWrite for PrefixedIo<T> {
     }
 }
 
+/// When a connection last carried a byte, for idle timeouts.
+#[derive(Clone, Default)]
+pub struct Activity(Arc<AtomicU64>);
+
+fn clock() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        let a = Self::default();
+        a.touch();
+        a
+    }
+
+    pub fn touch(&self) {
+        self.0.store(clock(), Ordering::Relaxed);
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        Duration::from_millis(clock().saturating_sub(self.0.load(Ordering::Relaxed)))
+    }
+
+    /// Completes once the connection has been idle for `limit` (never, for `None`).
+    pub async fn expired(&self, limit: Option<Duration>) {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            let idle = self.idle_for();
+            if idle >= limit {
+                return;
+            }
+            tokio::time::sleep(limit - idle).await;
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
-    /// Counts the bytes that pass through `io`.
+    /// Counts the bytes that pass through `io`, and notes when they last did.
     pub struct CountingIo<T> {
         #[pin]
         io: T,
         read: Counter,
         written: Counter,
+        activity: Activity,
     }
 }
 
 impl<T> CountingIo<T> {
-    pub fn new(io: T, read: Counter, written: Counter) -> Self {
-        Self { io, read, written }
+    pub fn new(io: T, read: Counter, written: Counter, activity: Activity) -> Self {
+        Self {
+            io,
+            read,
+            written,
+            activity,
+        }
     }
 }
 
@@ -105,6 +153,7 @@ impl<T: AsyncRead> AsyncRead for CountingIo<T> {
         let n = buf.filled().len() - before;
         if n > 0 {
             this.read.inc_by(n as u64);
+            this.activity.touch();
         }
         res
     }
@@ -120,6 +169,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         let res = this.io.poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             this.written.inc_by(n as u64);
+            this.activity.touch();
         }
         res
     }
@@ -132,6 +182,7 @@ impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
         let res = this.io.poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             this.written.inc_by(n as u64);
+            this.activity.touch();
         }
         res
     }
@@ -166,7 +217,7 @@ mod tests {
     async fn counting_io_counts_both_directions() {
         let (mut a, b) = tokio::io::duplex(64);
         let (read, written) = (Counter::default(), Counter::default());
-        let mut io = CountingIo::new(b, read.clone(), written.clone());
+        let mut io = CountingIo::new(b, read.clone(), written.clone(), Activity::new());
         a.write_all(b"12345").await.unwrap();
         let mut buf = [0u8; 5];
         io.read_exact(&mut buf).await.unwrap();

@@ -6,11 +6,14 @@
 //!   ([`orig_dst`]), refuses loops, and hands it to [`detect`].
 //! - [`detect`]: HTTP/1, HTTP/2 or opaque TCP, from the first bytes or a short timeout.
 //! - [`http`]: HTTP/1.1, HTTP/2 and gRPC proxying through hyper; [`tcp`]: opaque byte copy.
+//! - [`policy`]: the TrafficPolicy that applies to an outbound call; [`retry`], [`replay`] and
+//!   [`balance`]: retries within a budget, replayable bodies, endpoint choice and ejection.
 //! - [`transport`]: dials upstream endpoints and pools connections per (endpoint, identity).
 //! - [`admin`], [`metrics`], [`drain`]: the admin endpoints, Prometheus metrics, graceful shutdown.
 //! - [`error`]: the named causes of every error the proxy produces itself.
 
 pub mod admin;
+pub mod balance;
 pub mod cli;
 pub mod detect;
 pub mod drain;
@@ -21,6 +24,9 @@ pub mod io;
 pub mod listener;
 pub mod metrics;
 pub mod orig_dst;
+pub mod policy;
+pub mod replay;
+pub mod retry;
 pub mod run;
 pub mod tcp;
 pub mod transport;

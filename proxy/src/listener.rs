@@ -2,10 +2,10 @@
 //! then HTTP or opaque forwarding.
 //!
 //! Both directions work the same way; they differ in their [`Direction`] (metrics, which owned
-//! headers are stripped) and in the pool they dial through. Inbound connections go to the app at
-//! their original destination (the pod IP and port the client dialled): the proxy's own UID is
-//! exempt from the OUTPUT redirect, and an app that listens only on 127.0.0.1 stays unreachable
-//! from other pods, exactly as without the mesh.
+//! headers are stripped, whether TrafficPolicy applies) and in the pool they dial through.
+//! Inbound connections go to the app at their original destination (the pod IP and port the
+//! client dialled): the proxy's own UID is exempt from the OUTPUT redirect, and an app that
+//! listens only on 127.0.0.1 stays unreachable from other pods, exactly as without the mesh.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,17 +14,19 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use trellis_proto::policy::Protocol as DeclaredProtocol;
 
 use crate::cli::{AccessLog, PortList};
 use crate::detect::{self, Detected, Protocol};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::http::{self, ConnInfo, Forwarder};
-use crate::io::{CountingIo, PrefixedIo};
+use crate::io::{Activity, CountingIo, PrefixedIo};
 use crate::metrics::{Direction, Metrics};
 use crate::orig_dst;
-use crate::tcp;
-use crate::transport::{Endpoint, Pool};
+use crate::policy::PolicyStore;
+use crate::tcp::{self, TcpTarget};
+use crate::transport::Pool;
 
 /// What a listener needs to handle its connections.
 pub struct ListenerConfig {
@@ -35,6 +37,8 @@ pub struct ListenerConfig {
     pub own_ports: Vec<u16>,
     pub max_connections: usize,
     pub access_log: AccessLog,
+    /// Connections with no traffic for this long are closed.
+    pub idle_timeout: Option<Duration>,
 }
 
 pub struct Listener {
@@ -42,16 +46,24 @@ pub struct Listener {
     pool: Arc<Pool>,
     http: Arc<Forwarder>,
     metrics: Arc<Metrics>,
+    policies: Arc<PolicyStore>,
     limit: Arc<Semaphore>,
 }
 
 impl Listener {
-    pub fn new(config: ListenerConfig, pool: Arc<Pool>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        config: ListenerConfig,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        policies: Arc<PolicyStore>,
+    ) -> Arc<Self> {
         let http = Arc::new(Forwarder::new(
             config.direction,
             pool.clone(),
             metrics.clone(),
             config.access_log,
+            policies.clone(),
+            config.idle_timeout,
         ));
         let limit = Arc::new(Semaphore::new(config.max_connections));
         Arc::new(Self {
@@ -59,6 +71,7 @@ impl Listener {
             pool,
             http,
             metrics,
+            policies,
             limit,
         })
     }
@@ -106,17 +119,38 @@ impl Listener {
         let _ = stream.set_nodelay(true);
         let mut conn_metrics = self.metrics.connection(direction);
         let orig_dst = self.original_destination(&stream);
+        let activity = Activity::new();
         let mut io = CountingIo::new(
             stream,
             conn_metrics.read.clone(),
             conn_metrics.written.clone(),
+            activity.clone(),
         );
+
+        // The policy in force when the connection arrived decides how it is handled.
+        let snapshot = self.policies.current();
+        let route = match (direction, &orig_dst) {
+            (Direction::outbound, Ok(dst)) => Some(
+                snapshot
+                    .routes
+                    .route(None, *dst, &self.policies.scope)
+                    .clone(),
+            ),
+            _ => None,
+        };
+        let declared_opaque = match (direction, &orig_dst) {
+            (Direction::inbound, Ok(dst)) => snapshot.inbound_opaque_ports.contains(&dst.port()),
+            _ => route
+                .as_ref()
+                .is_some_and(|r| r.policy.protocol == DeclaredProtocol::Opaque),
+        };
+        drop(snapshot);
 
         let mut buf = BytesMut::new();
         let opaque_port = orig_dst
             .as_ref()
             .is_ok_and(|d| self.config.opaque_ports.contains(d.port()));
-        let protocol = if opaque_port {
+        let protocol = if opaque_port || declared_opaque {
             Protocol::Opaque
         } else {
             match detect::detect(&mut io, &mut buf, self.config.detect_timeout).await {
@@ -140,15 +174,25 @@ impl Listener {
 
         match protocol {
             Protocol::Opaque => match orig_dst {
-                Ok(dst) => {
+                Ok(orig_dst) => {
+                    let idle_timeout = route
+                        .as_ref()
+                        .and_then(|r| r.policy.idle_timeout)
+                        .or(self.config.idle_timeout);
+                    let target = TcpTarget {
+                        orig_dst,
+                        route,
+                        idle_timeout,
+                    };
                     tcp::forward(
                         io,
                         client,
-                        Endpoint::plaintext(dst),
+                        target,
+                        activity,
                         self.pool.connector(),
                         self.config.access_log,
                     )
-                    .await
+                    .await;
                 }
                 Err(reason) => {
                     let err = ProxyError::NoOriginalDestination { reason };
@@ -162,7 +206,12 @@ impl Listener {
                     orig_dst,
                     protocol,
                 };
-                http::serve(io, self.http.clone(), info, drain).await;
+                tokio::select! {
+                    _ = http::serve(io, self.http.clone(), info, drain) => {}
+                    _ = activity.expired(self.config.idle_timeout) => {
+                        tracing::debug!(%client, "closing idle HTTP connection");
+                    }
+                }
             }
         }
         drop(conn_metrics);

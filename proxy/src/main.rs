@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Run { args, log }) => {
             init_logging(&log);
-            trellis_proxy::run::run(args).map_err(|e| e.to_string())
+            trellis_proxy::run::run(*args).map_err(|e| e.to_string())
         }
         None => {
             init_logging(&cli.log);

@@ -60,6 +60,33 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub policy: String,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PolicyLabels {
+    pub policy: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub policy: String,
+    pub endpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LoadLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -80,6 +107,11 @@ pub struct Metrics {
     read_bytes: Family<DirectionLabels, Counter>,
     write_bytes: Family<DirectionLabels, Counter>,
     upstream_connects: Family<ConnLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<PolicyLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    policy_loads: Family<LoadLabels, Counter>,
+    policy_version: Family<VersionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -146,8 +178,43 @@ impl Metrics {
             "Connections the proxy opened to upstream endpoints (pooled HTTP connections count once)",
             upstream_connects.clone(),
         );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries sent, by policy and the failure that caused them",
+            retries.clone(),
+        );
+        let budget_exhausted = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the policy's retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        let ejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "endpoint_ejections",
+            "Times an endpoint was taken out of load balancing after consecutive failures",
+            ejections.clone(),
+        );
+        let policy_loads = Family::<LoadLabels, Counter>::default();
+        registry.register(
+            "policy_loads",
+            "Policy versions applied or rejected (the policy in force stays on rejection)",
+            policy_loads.clone(),
+        );
+        let policy_version = Family::<VersionLabels, Gauge>::default();
+        registry.register(
+            "policy_version",
+            "1 for the policy version in force",
+            policy_version.clone(),
+        );
         Self {
             registry,
+            retries,
+            budget_exhausted,
+            ejections,
+            policy_loads,
+            policy_version,
             requests,
             request_duration,
             errors,
@@ -195,6 +262,46 @@ impl Metrics {
                 protocol,
             })
             .inc();
+    }
+
+    pub fn retry(&self, policy: &str, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                policy: policy.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, policy: &str) {
+        self.budget_exhausted
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn ejection(&self, policy: &str, endpoint: std::net::SocketAddr) {
+        self.ejections
+            .get_or_create(&EndpointLabels {
+                policy: policy.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records a policy load; `version` is the one in force afterwards.
+    pub fn policy_load(&self, applied: bool, version: &str) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.policy_loads
+            .get_or_create(&LoadLabels { result })
+            .inc();
+        self.policy_version.clear();
+        self.policy_version
+            .get_or_create(&VersionLabels {
+                version: version.to_string(),
+            })
+            .set(1);
     }
 
     /// Counts an accepted connection open; the returned guard counts it closed when dropped.

@@ -17,6 +17,8 @@ use crate::cli::RunArgs;
 use crate::drain::{self, Drained};
 use crate::listener::{Listener, ListenerConfig};
 use crate::metrics::{Direction, Metrics};
+use crate::policy::routes::ClientScope;
+use crate::policy::{PolicyStore, file as policy_file};
 use crate::transport::{Connector, Pool, PoolConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +33,41 @@ pub enum RunError {
     Runtime(std::io::Error),
     #[error("cannot install the signal handler: {0}")]
     Signal(std::io::Error),
+    #[error("{0}")]
+    Policy(#[from] policy_file::PolicyFileError),
 }
 
 pub fn run(args: RunArgs) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = Arc::new(Notify::new());
-    let config = serde_json::json!({
-        "policyVersion": null,
-        "policySource": "none: every destination is forwarded as dialled",
-        "proxy": &args,
-    });
+    let namespace = args
+        .workload
+        .as_deref()
+        .and_then(|w| w.split_once('/'))
+        .map(|(ns, _)| ns)
+        .unwrap_or("default");
+    let scope = ClientScope {
+        namespace: namespace.to_string(),
+        cluster_domain: args.cluster_domain.clone(),
+    };
+    let policies = PolicyStore::new(scope, args.service_account.clone());
+    // A policy file that is wrong at start stops the proxy with every error listed: a typo in a
+    // deployment should fail loudly, not run without the policy.
+    if let Some(path) = &args.policy_file {
+        let (set, version) = policy_file::load(path)?;
+        tracing::info!(%version, traffic = set.traffic.len(), server = set.server.len(), path = %path.display(), "policy loaded");
+        policies.apply(set, version.clone(), format!("file:{}", path.display()));
+        metrics.policy_load(true, &version);
+    }
+    let settings = serde_json::to_value(&args).unwrap_or_default();
+    let config: admin::ConfigFn = {
+        let policies = policies.clone();
+        Box::new(move || {
+            let mut config = policies.config_json();
+            config["proxy"] = settings.clone();
+            config
+        })
+    };
     let admin_state = AdminState::new(metrics.clone(), config, shutdown.clone());
     let admin_listener =
         std::net::TcpListener::bind(args.admin_addr).map_err(|source| RunError::Bind {
@@ -63,15 +90,25 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             .build(),
     }
     .map_err(RunError::Runtime)?;
-    runtime.block_on(serve(args, metrics, admin_state, shutdown))
+    runtime.block_on(serve(args, metrics, policies, admin_state, shutdown))
 }
 
 async fn serve(
     args: RunArgs,
     metrics: Arc<Metrics>,
+    policies: Arc<PolicyStore>,
     admin: Arc<AdminState>,
     shutdown: Arc<Notify>,
 ) -> Result<(), RunError> {
+    if let Some(path) = args.policy_file.clone() {
+        tokio::spawn(policy_file::watch(
+            path,
+            policies.clone(),
+            metrics.clone(),
+            args.policy_poll_interval,
+        ));
+    }
+    let idle_timeout = Some(args.idle_timeout).filter(|d| !d.is_zero());
     let own_ports = vec![
         args.inbound_addr.port(),
         args.outbound_addr.port(),
@@ -97,9 +134,11 @@ async fn serve(
                 own_ports: own_ports.clone(),
                 max_connections: args.max_connections,
                 access_log: args.access_log,
+                idle_timeout,
             },
             pool,
             metrics.clone(),
+            policies.clone(),
         );
         let what = direction.as_str();
         let socket = bind(addr).map_err(|source| RunError::Bind { what, addr, source })?;

@@ -2,41 +2,71 @@
 //!
 //! When one side finishes sending (FIN), the other side's write half is shut down and the copy
 //! continues in the other direction until it finishes too, so request/response protocols that
-//! half-close (and server-first ones) behave exactly as without the proxy.
+//! half-close (and server-first ones) behave exactly as without the proxy. On the outbound side
+//! the matching policy picks the endpoint and retries failed connects (nothing has been sent
+//! yet, so that is always safe); a stream with no traffic for the idle timeout is closed.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::balance::Verdict;
 use crate::cli::AccessLog;
 use crate::error::ProxyError;
-use crate::io::Io;
+use crate::io::{Activity, BoxIo, Io};
+use crate::policy::routes::Route;
+use crate::retry::{self, Failure};
 use crate::transport::{Connector, Endpoint};
 
-/// Connects to `endpoint` and copies bytes both ways until both directions are done.
+/// Where an opaque connection goes and how long it may stay silent.
+pub struct TcpTarget {
+    pub orig_dst: SocketAddr,
+    /// The outbound policy, if any (inbound connections go to the original destination).
+    pub route: Option<Arc<Route>>,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Connects to the target and copies bytes both ways until both directions are done.
 pub async fn forward<I: Io>(
     mut client: I,
     client_addr: SocketAddr,
-    endpoint: Endpoint,
+    target: TcpTarget,
+    activity: Activity,
     connector: &Connector,
     access_log: AccessLog,
 ) {
     let start = Instant::now();
     let direction = connector.direction();
-    let mut upstream = match connector.connect(&endpoint, "opaque").await {
-        Ok(io) => io,
-        Err(err) => {
-            report_failure(connector, &err, client_addr, &endpoint);
+    let (mut upstream, dst) = match connect(&target, connector).await {
+        Ok(connected) => connected,
+        Err((err, dst)) => {
+            connector.metrics().error(direction, err.cause());
+            tracing::warn!(
+                target: "trellis::access",
+                direction = direction.as_str(), protocol = "opaque", client = %client_addr,
+                dst = %dst, error = err.cause(), reason = %err,
+                "tcp connection failed in the proxy"
+            );
             return;
         }
     };
-    let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    let result = tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result,
+        _ = activity.expired(target.idle_timeout) => {
+            connector.metrics().error(direction, "idle-timeout");
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("idle-timeout: no traffic for {:?}", target.idle_timeout.unwrap_or_default()),
+            ))
+        }
+    };
     let failed = result.is_err();
     if access_log == AccessLog::All || (access_log == AccessLog::Errors && failed) {
         let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or_default();
         tracing::info!(
             target: "trellis::access",
             direction = direction.as_str(), protocol = "opaque", client = %client_addr,
-            dst = %endpoint.addr, bytes_sent = sent, bytes_received = received,
+            dst = %dst, bytes_sent = sent, bytes_received = received,
             duration_ms = start.elapsed().as_secs_f64() * 1e3,
             error = result.as_ref().err().map(|e| e.to_string()),
             "tcp connection"
@@ -44,19 +74,74 @@ pub async fn forward<I: Io>(
     }
 }
 
-fn report_failure(
+/// Connects to the policy's endpoint (or the original destination), retrying failed connects
+/// on other endpoints as the policy allows.
+async fn connect(
+    target: &TcpTarget,
     connector: &Connector,
-    err: &ProxyError,
-    client: SocketAddr,
-    endpoint: &Endpoint,
-) {
-    connector
-        .metrics()
-        .error(connector.direction(), err.cause());
-    tracing::warn!(
-        target: "trellis::access",
-        direction = connector.direction().as_str(), protocol = "opaque", client = %client,
-        dst = %endpoint.addr, error = err.cause(), reason = %err,
-        "tcp connection failed in the proxy"
-    );
+) -> Result<(BoxIo, SocketAddr), (ProxyError, SocketAddr)> {
+    let Some(route) = &target.route else {
+        let endpoint = Endpoint::plaintext(target.orig_dst);
+        return match connector.connect(&endpoint, "opaque").await {
+            Ok(io) => Ok((io, target.orig_dst)),
+            Err(e) => Err((e, target.orig_dst)),
+        };
+    };
+    let retries = &route.policy.retries;
+    route.budget.record_request();
+    let mut tried = Vec::new();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (addr, in_flight) = match &route.balancer {
+            Some(b) => match b.pick(&tried) {
+                Some(e) => (e.addr, Some(e.start())),
+                None => {
+                    let err = ProxyError::NoHealthyEndpoints {
+                        policy: route.name.clone(),
+                        endpoints: b.endpoints().len(),
+                    };
+                    return Err((err, target.orig_dst));
+                }
+            },
+            None => (target.orig_dst, None),
+        };
+        tried.push(addr);
+        let result = connector
+            .connect(&Endpoint::plaintext(addr), "opaque")
+            .await;
+        match result {
+            Ok(io) => {
+                if let Some(f) = in_flight {
+                    f.succeeded();
+                }
+                return Ok((io, addr));
+            }
+            Err(err) => {
+                if let Some(f) = in_flight
+                    && let Verdict::Ejected(time) = f.failed(&route.policy.ejection)
+                {
+                    connector.metrics().ejection(&route.name, addr);
+                    tracing::warn!(policy = %route.name, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
+                }
+                let retry = attempts <= retries.max_retries
+                    && Failure::ConnectFailure.listed_in(&retries.on);
+                if !retry {
+                    return Err((err, addr));
+                }
+                if !route.budget.try_withdraw() {
+                    connector.metrics().retry_budget_exhausted(&route.name);
+                    let err = ProxyError::RetryBudgetExhausted {
+                        policy: route.name.clone(),
+                        last: Box::new(err),
+                    };
+                    return Err((err, addr));
+                }
+                connector
+                    .metrics()
+                    .retry(&route.name, Failure::ConnectFailure.reason());
+                tokio::time::sleep(retry::backoff(&retries.backoff, attempts)).await;
+            }
+        }
+    }
 }

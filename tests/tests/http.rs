@@ -189,12 +189,21 @@ fn errors_made_by_the_proxy_name_their_cause_and_apps_cannot_forge_it() {
         "{}",
         rsp.body
     );
+    // The built-in default policy retries connect failures twice (the request never reached an
+    // app), so the server's sidecar saw three attempts.
     assert_eq!(
         server.metrics().sum(
             "trellis_proxy_errors_total",
             &[("direction", "inbound"), ("cause", "connect-refused")]
         ),
-        1.0
+        3.0
+    );
+    assert_eq!(
+        client.metrics().sum(
+            "trellis_retries_total",
+            &[("policy", "default"), ("reason", "connect-failure")]
+        ),
+        2.0
     );
     let log = server.proxy_log();
     assert!(

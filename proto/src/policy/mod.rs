@@ -6,6 +6,7 @@
 //! Absent fields take the defaults documented in the README ("Policy reference"); the defaults
 //! live here, in one place, as the `Default` impls.
 
+mod fields;
 mod validate;
 
 use std::fmt;
@@ -61,9 +62,6 @@ pub struct TrafficPolicy {
     /// Longest silence on a response body or an opaque stream before it is closed.
     #[serde(with = "opt_duration")]
     pub idle_timeout: Option<Duration>,
-    /// TCP connect to an endpoint; `None`: the proxy's `--connect-timeout`.
-    #[serde(with = "opt_duration")]
-    pub connect_timeout: Option<Duration>,
     pub retries: Retries,
     pub ejection: Ejection,
     pub tls: Option<Tls>,

@@ -1,49 +1,41 @@
 //! HTTP/1.1, HTTP/2 and gRPC proxying.
 //!
 //! [`serve`] runs hyper's server on a detected connection; every request goes through
-//! [`Forwarder::forward`]: hop-by-hop headers are removed, headers the proxy owns are stripped
-//! from what the app sent, the request goes to the connection's original destination over a
-//! pooled connection of the same HTTP version, and the response streams back (bodies and
-//! trailers are never buffered). HTTP/1.1 upgrades (WebSocket) are bridged byte for byte after
+//! [`Forwarder::forward`] (`forward.rs`): hop-by-hop headers are removed, headers the proxy owns
+//! are stripped from what the app sent, the request goes upstream over a pooled connection of the
+//! same HTTP version (outbound: as the matching policy says), and the response streams back
+//! (bodies and trailers are never buffered whole; `body.rs` bounds them in time). HTTP/1.1 upgrades (WebSocket) are bridged byte for byte after
 //! the `101`. Errors the proxy produces answer with a status and a `trellis-error` header; for
 //! gRPC callers they are a trailers-only response with a `grpc-status`, so gRPC clients see
 //! `UNAVAILABLE` with the cause instead of a protocol error.
 
+mod body;
+mod forward;
 mod headers;
+
+pub use forward::Forwarder;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
-use crate::cli::AccessLog;
 use crate::detect::Protocol;
 use crate::drain;
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::io::Io;
-use crate::metrics::{Direction, Metrics};
-use crate::transport::{Endpoint, HttpVersion, Pool};
+use crate::transport::HttpVersion;
 
 pub use headers::{strip_hop_by_hop, wants_upgrade};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every request and response the proxy forwards or produces.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-/// Per-listener HTTP forwarding: where requests go and what is recorded about them.
-pub struct Forwarder {
-    direction: Direction,
-    pool: Arc<Pool>,
-    metrics: Arc<Metrics>,
-    access_log: AccessLog,
-}
 
 /// What the listener learned about a connection before HTTP started.
 pub struct ConnInfo {
@@ -52,130 +44,6 @@ pub struct ConnInfo {
     /// `no-original-destination`).
     pub orig_dst: Result<SocketAddr, String>,
     pub protocol: Protocol,
-}
-
-impl Forwarder {
-    pub fn new(
-        direction: Direction,
-        pool: Arc<Pool>,
-        metrics: Arc<Metrics>,
-        access_log: AccessLog,
-    ) -> Self {
-        Self {
-            direction,
-            pool,
-            metrics,
-            access_log,
-        }
-    }
-
-    /// Forwards one request and returns the response to send back to the client.
-    pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<BoxBody> {
-        let start = Instant::now();
-        let protocol = conn.protocol.as_str();
-        let upgrade = conn.protocol == Protocol::Http1 && wants_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let grpc = is_grpc(&req);
-        let method = req.method().clone();
-        let target = RequestSummary::of(&req);
-
-        let orig_dst = match &conn.orig_dst {
-            Ok(addr) => *addr,
-            Err(reason) => {
-                let err = ProxyError::NoOriginalDestination {
-                    reason: reason.clone(),
-                };
-                return self.fail(err, grpc, &method, &target, conn, start);
-            }
-        };
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers, upgrade);
-        if self.direction == Direction::outbound {
-            // Only a proxy may say that the proxy failed: never trust the app's claim.
-            parts.headers.remove(ERROR_HEADER);
-        }
-        let version = match conn.protocol {
-            Protocol::Http2 => HttpVersion::Http2,
-            _ => HttpVersion::Http1,
-        };
-        parts.uri = upstream_uri(&parts, version, orig_dst);
-        if version == HttpVersion::Http1 && !parts.headers.contains_key(HOST) {
-            // HTTP/1.0 clients may omit Host; the upstream then sees the address dialled.
-            if let Ok(host) = HeaderValue::from_str(&orig_dst.to_string()) {
-                parts.headers.insert(HOST, host);
-            }
-        }
-        let body = body.map_err(BoxError::from).boxed_unsync();
-        let endpoint = Endpoint::plaintext(orig_dst);
-
-        let mut rsp = match self
-            .pool
-            .send(&endpoint, version, Request::from_parts(parts, body))
-            .await
-        {
-            Ok(rsp) => rsp,
-            Err(err) => return self.fail(err, grpc, &method, &target, conn, start),
-        };
-        let status = rsp.status();
-        match client_upgrade {
-            Some(client_upgrade) if status == StatusCode::SWITCHING_PROTOCOLS => {
-                let upstream_upgrade = hyper::upgrade::on(&mut rsp);
-                tokio::spawn(bridge_upgrade(client_upgrade, upstream_upgrade));
-                strip_hop_by_hop(rsp.headers_mut(), true);
-            }
-            _ => strip_hop_by_hop(rsp.headers_mut(), false),
-        }
-        if self.direction == Direction::inbound {
-            rsp.headers_mut().remove(ERROR_HEADER);
-        }
-        let elapsed = start.elapsed();
-        self.metrics
-            .request(self.direction, protocol, status.as_u16(), elapsed);
-        if self.access_log == AccessLog::All
-            || (self.access_log == AccessLog::Errors && status.is_server_error())
-        {
-            tracing::info!(
-                target: "trellis::access",
-                direction = self.direction.as_str(), protocol, method = %method,
-                authority = %target.authority, path = %target.path, status = status.as_u16(),
-                duration_ms = elapsed.as_secs_f64() * 1e3, client = %conn.client, dst = %orig_dst,
-                "request"
-            );
-        }
-        rsp.map(|b| b.map_err(BoxError::from).boxed_unsync())
-    }
-
-    fn fail(
-        &self,
-        err: ProxyError,
-        grpc: bool,
-        method: &Method,
-        target: &RequestSummary,
-        conn: &ConnInfo,
-        start: Instant,
-    ) -> Response<BoxBody> {
-        let cause = err.cause();
-        let rsp = error_response(&err, grpc);
-        let elapsed = start.elapsed();
-        self.metrics.error(self.direction, cause);
-        self.metrics.request(
-            self.direction,
-            conn.protocol.as_str(),
-            rsp.status().as_u16(),
-            elapsed,
-        );
-        if self.access_log != AccessLog::Off {
-            tracing::warn!(
-                target: "trellis::access",
-                direction = self.direction.as_str(), protocol = conn.protocol.as_str(),
-                method = %method, authority = %target.authority, path = %target.path,
-                status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
-                client = %conn.client, error = cause, reason = %err,
-                "request failed in the proxy"
-            );
-        }
-        rsp
-    }
 }
 
 /// Serves HTTP on an accepted, detected connection until it closes or a drain completes it.
@@ -226,7 +94,11 @@ pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: dra
 /// The request target as the upstream must see it: origin-form for HTTP/1.1
 /// (`/path?query`, with Host carrying the authority), absolute for HTTP/2 (`:authority`
 /// preserved; taken from Host or the original destination when the client sent none).
-fn upstream_uri(parts: &http::request::Parts, version: HttpVersion, orig_dst: SocketAddr) -> Uri {
+pub(crate) fn upstream_uri(
+    parts: &http::request::Parts,
+    version: HttpVersion,
+    orig_dst: SocketAddr,
+) -> Uri {
     let path = parts
         .uri
         .path_and_query()
@@ -255,7 +127,7 @@ fn upstream_uri(parts: &http::request::Parts, version: HttpVersion, orig_dst: So
     }
 }
 
-fn is_grpc<B>(req: &Request<B>) -> bool {
+pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_2
         && req
             .headers()
@@ -319,7 +191,10 @@ pub fn empty() -> BoxBody {
 }
 
 /// Copies bytes both ways between the client and the upstream after a `101 Switching Protocols`.
-async fn bridge_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+pub(crate) async fn bridge_upgrade(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+) {
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
@@ -332,13 +207,13 @@ async fn bridge_upgrade(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgr
 }
 
 /// Authority and path of a request, for logs.
-struct RequestSummary {
-    authority: String,
-    path: String,
+pub(crate) struct RequestSummary {
+    pub authority: String,
+    pub path: String,
 }
 
 impl RequestSummary {
-    fn of<B>(req: &Request<B>) -> Self {
+    pub fn of<B>(req: &Request<B>) -> Self {
         let authority = req
             .uri()
             .authority()

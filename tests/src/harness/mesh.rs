@@ -140,6 +140,16 @@ impl Mesh {
         Some((mesh, client, server))
     }
 
+    /// Writes a file the sidecars can read (e.g. a `--policy-file`) and returns its path.
+    pub fn write_file(&self, name: &str, content: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        // Write then rename: a proxy polling the file never sees half of it.
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, content).expect("write file");
+        std::fs::rename(&tmp, &path).expect("move file into place");
+        path
+    }
+
     /// Where this mesh's process logs are written.
     pub fn log_dir(&self) -> &std::path::Path {
         &self.dir
@@ -301,6 +311,17 @@ impl Pod {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.apps.lock().expect("apps lock").push(proc);
+    }
+
+    /// Kills every app process of this pod (SIGKILL), as a crash would.
+    pub fn kill_apps(&self) {
+        let mut apps = self.apps.lock().expect("apps lock");
+        for app in apps.iter() {
+            app.signal(libc::SIGKILL);
+        }
+        for app in apps.iter_mut() {
+            app.wait_timeout(Duration::from_secs(5));
+        }
     }
 
     /// Runs curl in this pod (as the app would): `-sS`, a 30 s limit, headers and body captured.

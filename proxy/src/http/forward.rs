@@ -1,0 +1,450 @@
+//! Forwarding one HTTP request: the inbound side delivers it to the app; the outbound side
+//! applies the TrafficPolicy that matches the call — endpoint choice, per-try and overall
+//! timeouts, and retries within the policy's budget.
+//!
+//! An outbound call, in order:
+//! 1. the policy snapshot is read once (a reload never changes a request in flight) and the
+//!    route chosen (address, host, namespace default, built-in default);
+//! 2. each attempt picks an endpoint (P2C, avoiding endpoints this request already tried), sends
+//!    the request with a replayable body, and waits for response headers within the per-try
+//!    timeout and the overall deadline;
+//! 3. a failed attempt is retried when the policy lists its condition, the request may be sent
+//!    again (it never reached an app, or it is idempotent, or the policy opted in), the body is
+//!    still replayable, and the budget has a retry left — after a jittered backoff.
+//!
+//! The far sidecar's `trellis-error: connect-refused` (its app was not listening) counts as a
+//! connect failure, and its `upstream-reset` as a reset: the same decisions as for local ones.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::header::{CONTENT_LENGTH, HOST};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::TimedBody;
+use super::{
+    BoxBody, BoxError, ConnInfo, RequestSummary, bridge_upgrade, error_response, is_grpc,
+    upstream_uri,
+};
+use crate::balance::Verdict;
+use crate::cli::AccessLog;
+use crate::detect::Protocol;
+use crate::error::{ERROR_HEADER, ProxyError};
+use crate::metrics::{Direction, Metrics};
+use crate::policy::PolicyStore;
+use crate::policy::routes::Route;
+use crate::replay::ReplayBody;
+use crate::retry::{self, Failure};
+use crate::transport::{Endpoint, HttpVersion, Pool};
+
+/// Per-listener HTTP forwarding.
+pub struct Forwarder {
+    direction: Direction,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+    policies: Arc<PolicyStore>,
+    idle_timeout: Option<Duration>,
+}
+
+/// A request ready to send, minus its body.
+struct Call {
+    parts: http::request::Parts,
+    version: HttpVersion,
+    orig_dst: SocketAddr,
+    authority: String,
+    grpc: bool,
+    upgrade: bool,
+}
+
+/// How a call ended, for the response, the metrics and the access log.
+struct Outcome {
+    result: Result<Response<Incoming>, ProxyError>,
+    attempts: u32,
+    policy: String,
+    endpoint: SocketAddr,
+    deadline: Option<Instant>,
+    idle_timeout: Option<Duration>,
+}
+
+impl Forwarder {
+    pub fn new(
+        direction: Direction,
+        pool: Arc<Pool>,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+        policies: Arc<PolicyStore>,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
+        Self {
+            direction,
+            pool,
+            metrics,
+            access_log,
+            policies,
+            idle_timeout,
+        }
+    }
+
+    /// Forwards one request and returns the response to send back to the client.
+    pub async fn forward(&self, mut req: Request<Incoming>, conn: &ConnInfo) -> Response<BoxBody> {
+        let start = Instant::now();
+        let upgrade = conn.protocol == Protocol::Http1 && super::wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let grpc = is_grpc(&req);
+        let method = req.method().clone();
+        let target = RequestSummary::of(&req);
+
+        let orig_dst = match &conn.orig_dst {
+            Ok(addr) => *addr,
+            Err(reason) => {
+                let err = ProxyError::NoOriginalDestination {
+                    reason: reason.clone(),
+                };
+                let outcome = Outcome {
+                    result: Err(err),
+                    attempts: 0,
+                    policy: String::new(),
+                    endpoint: conn.client,
+                    deadline: None,
+                    idle_timeout: None,
+                };
+                return self.respond(outcome, grpc, &method, &target, conn, start, None);
+            }
+        };
+        let (mut parts, body) = req.into_parts();
+        super::strip_hop_by_hop(&mut parts.headers, upgrade);
+        if self.direction == Direction::outbound {
+            // Only a proxy may say that the proxy failed: never trust the app's claim.
+            parts.headers.remove(ERROR_HEADER);
+        }
+        let version = match conn.protocol {
+            Protocol::Http2 => HttpVersion::Http2,
+            _ => HttpVersion::Http1,
+        };
+        parts.uri = upstream_uri(&parts, version, orig_dst);
+        if version == HttpVersion::Http1 && !parts.headers.contains_key(HOST) {
+            // HTTP/1.0 clients may omit Host; the upstream then sees the address dialled.
+            if let Ok(host) = HeaderValue::from_str(&orig_dst.to_string()) {
+                parts.headers.insert(HOST, host);
+            }
+        }
+        let body = body.map_err(BoxError::from).boxed_unsync();
+        let call = Call {
+            parts,
+            version,
+            orig_dst,
+            authority: target.authority.clone(),
+            grpc,
+            upgrade,
+        };
+        let outcome = match self.direction {
+            Direction::inbound => self.deliver(call, body).await,
+            Direction::outbound => self.call(call, body, start).await,
+        };
+        self.respond(outcome, grpc, &method, &target, conn, start, client_upgrade)
+    }
+
+    /// Inbound: one attempt, to the app at the original destination.
+    async fn deliver(&self, call: Call, body: BoxBody) -> Outcome {
+        let endpoint = Endpoint::plaintext(call.orig_dst);
+        let req = Request::from_parts(call.parts, body);
+        Outcome {
+            result: self.pool.send(&endpoint, call.version, req).await,
+            attempts: 1,
+            policy: String::new(),
+            endpoint: call.orig_dst,
+            deadline: None,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    /// Outbound: the matching policy's endpoints, timeouts and retries.
+    async fn call(&self, call: Call, body: BoxBody, start: Instant) -> Outcome {
+        let snapshot = self.policies.current();
+        let route: Arc<Route> = snapshot
+            .routes
+            .route(Some(&call.authority), call.orig_dst, &self.policies.scope)
+            .clone();
+        drop(snapshot);
+        let policy = &route.policy;
+        let retries = &policy.retries;
+        let deadline = policy.timeout.map(|t| start + t);
+        let idle_timeout = policy.idle_timeout.or(self.idle_timeout);
+        route.budget.record_request();
+
+        let declared_len = call
+            .parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        let max_retries = if call.upgrade { 0 } else { retries.max_retries };
+        let may_replay = retry::replay_safe(&call.parts.method, call.grpc, retries);
+        let mut body = Some(ReplayBody::new(
+            body,
+            retries.body_buffer_bytes,
+            declared_len,
+        ));
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempts = 0u32;
+        let done = |result, attempts, endpoint| Outcome {
+            result,
+            attempts,
+            policy: route.name.clone(),
+            endpoint,
+            deadline,
+            idle_timeout,
+        };
+        loop {
+            attempts += 1;
+            let (addr, in_flight) = match &route.balancer {
+                Some(balancer) => match balancer.pick(&tried) {
+                    Some(endpoint) => (endpoint.addr, Some(endpoint.start())),
+                    None => {
+                        let err = ProxyError::NoHealthyEndpoints {
+                            policy: route.name.clone(),
+                            endpoints: balancer.endpoints().len(),
+                        };
+                        return done(Err(err), attempts, call.orig_dst);
+                    }
+                },
+                None => (call.orig_dst, None),
+            };
+            tried.push(addr);
+            let Some(this_body) = body.take() else {
+                return done(
+                    Err(ProxyError::NoOriginalDestination {
+                        reason: "internal: body consumed".into(),
+                    }),
+                    attempts,
+                    addr,
+                );
+            };
+            let spare = this_body.try_clone();
+            let req = Request::from_parts(clone_parts(&call.parts), this_body.boxed_unsync());
+
+            let attempt_deadline = match (retries.per_try_timeout, deadline) {
+                (Some(per_try), Some(d)) => Some((Instant::now() + per_try).min(d)),
+                (Some(per_try), None) => Some(Instant::now() + per_try),
+                (None, d) => d,
+            };
+            let endpoint = Endpoint::plaintext(addr);
+            let send = self.pool.send(&endpoint, call.version, req);
+            let result = match attempt_deadline {
+                None => send.await,
+                Some(at) => match tokio::time::timeout_at(at.into(), send).await {
+                    Ok(result) => result,
+                    Err(_) if deadline.is_some_and(|d| at >= d) => {
+                        let timeout = policy.timeout.unwrap_or_default();
+                        return done(
+                            Err(ProxyError::Timeout { timeout, attempts }),
+                            attempts,
+                            addr,
+                        );
+                    }
+                    Err(_) => Err(ProxyError::PerTryTimeout {
+                        addr,
+                        timeout: retries.per_try_timeout.unwrap_or_default(),
+                        attempts,
+                    }),
+                },
+            };
+            let failure = match &result {
+                Ok(rsp) => classify_response(rsp),
+                Err(e) => Some(classify_error(e)),
+            };
+            if let Some(in_flight) = in_flight {
+                match failure {
+                    Some(f) if counts_against_endpoint(f) => {
+                        if let Verdict::Ejected(time) = in_flight.failed(&policy.ejection) {
+                            self.metrics.ejection(&route.name, addr);
+                            tracing::warn!(policy = %route.name, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
+                        }
+                    }
+                    _ => in_flight.succeeded(),
+                }
+            }
+            let Some(failure) = failure else {
+                return done(result, attempts, addr);
+            };
+            let retryable = attempts <= max_retries
+                && failure.listed_in(&retries.on)
+                && (failure.never_reached_app() || may_replay)
+                && spare.is_some();
+            if !retryable {
+                return done(result, attempts, addr);
+            }
+            if !route.budget.try_withdraw() {
+                self.metrics.retry_budget_exhausted(&route.name);
+                let result = result.map_err(|last| ProxyError::RetryBudgetExhausted {
+                    policy: route.name.clone(),
+                    last: Box::new(last),
+                });
+                return done(result, attempts, addr);
+            }
+            self.metrics.retry(&route.name, failure.reason());
+            tracing::debug!(policy = %route.name, endpoint = %addr, attempt = attempts, reason = failure.reason(), "retrying");
+            drop(result);
+            let pause = retry::backoff(&retries.backoff, attempts);
+            if let Some(d) = deadline
+                && Instant::now() + pause >= d
+            {
+                let timeout = policy.timeout.unwrap_or_default();
+                tokio::time::sleep_until(d.into()).await;
+                return done(
+                    Err(ProxyError::Timeout { timeout, attempts }),
+                    attempts,
+                    addr,
+                );
+            }
+            tokio::time::sleep(pause).await;
+            body = spare;
+        }
+    }
+
+    /// Turns an outcome into the client's response, and records it.
+    #[allow(clippy::too_many_arguments)]
+    fn respond(
+        &self,
+        outcome: Outcome,
+        grpc: bool,
+        method: &Method,
+        target: &RequestSummary,
+        conn: &ConnInfo,
+        start: Instant,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<BoxBody> {
+        let protocol = conn.protocol.as_str();
+        let elapsed = start.elapsed();
+        let mut rsp = match outcome.result {
+            Ok(rsp) => rsp,
+            Err(err) => {
+                let cause = err.cause();
+                let rsp = error_response(&err, grpc);
+                self.metrics.error(self.direction, cause);
+                self.metrics
+                    .request(self.direction, protocol, rsp.status().as_u16(), elapsed);
+                if self.access_log != AccessLog::Off {
+                    tracing::warn!(
+                        target: "trellis::access",
+                        direction = self.direction.as_str(), protocol, method = %method,
+                        authority = %target.authority, path = %target.path,
+                        status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
+                        client = %conn.client, dst = %outcome.endpoint, attempts = outcome.attempts,
+                        policy = %outcome.policy, error = cause, reason = %err,
+                        "request failed in the proxy"
+                    );
+                }
+                return rsp;
+            }
+        };
+        let status = rsp.status();
+        match client_upgrade {
+            Some(client_upgrade) if status == StatusCode::SWITCHING_PROTOCOLS => {
+                let upstream_upgrade = hyper::upgrade::on(&mut rsp);
+                tokio::spawn(bridge_upgrade(client_upgrade, upstream_upgrade));
+                super::strip_hop_by_hop(rsp.headers_mut(), true);
+            }
+            _ => super::strip_hop_by_hop(rsp.headers_mut(), false),
+        }
+        if self.direction == Direction::inbound {
+            rsp.headers_mut().remove(ERROR_HEADER);
+        }
+        self.metrics
+            .request(self.direction, protocol, status.as_u16(), elapsed);
+        if self.access_log == AccessLog::All
+            || (self.access_log == AccessLog::Errors && status.is_server_error())
+        {
+            tracing::info!(
+                target: "trellis::access",
+                direction = self.direction.as_str(), protocol, method = %method,
+                authority = %target.authority, path = %target.path, status = status.as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1e3, client = %conn.client,
+                dst = %outcome.endpoint, attempts = outcome.attempts, policy = %outcome.policy,
+                "request"
+            );
+        }
+        // A response of known length is part of a unary exchange: the deadline covers its body.
+        // Others (streams) are bounded by the idle timeout only.
+        let known_length = rsp.headers().contains_key(CONTENT_LENGTH);
+        let deadline = outcome
+            .deadline
+            .filter(|_| known_length)
+            .map(tokio::time::Instant::from_std);
+        rsp.map(|b| {
+            let body = b.map_err(BoxError::from).boxed_unsync();
+            if deadline.is_none() && outcome.idle_timeout.is_none() {
+                body
+            } else {
+                TimedBody::new(body, deadline, outcome.idle_timeout).boxed_unsync()
+            }
+        })
+    }
+}
+
+fn clone_parts(parts: &http::request::Parts) -> http::request::Parts {
+    let (mut out, ()) = Request::new(()).into_parts();
+    out.method = parts.method.clone();
+    out.uri = parts.uri.clone();
+    out.version = parts.version;
+    out.headers = parts.headers.clone();
+    out
+}
+
+fn classify_error(e: &ProxyError) -> Failure {
+    match e {
+        ProxyError::ConnectRefused { .. }
+        | ProxyError::ConnectTimeout { .. }
+        | ProxyError::ConnectUnreachable { .. } => Failure::ConnectFailure,
+        ProxyError::PerTryTimeout { .. } => Failure::PerTryTimeout,
+        e if e.is_refused_stream() => Failure::RefusedStream,
+        _ => Failure::Reset,
+    }
+}
+
+/// A response that may be retried: the far sidecar's own errors, error statuses, and non-OK
+/// gRPC statuses in a trailers-only response.
+fn classify_response(rsp: &Response<Incoming>) -> Option<Failure> {
+    match rsp
+        .headers()
+        .get(ERROR_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("connect-refused" | "connect-timeout" | "connect-unreachable") => {
+            return Some(Failure::ConnectFailure);
+        }
+        Some("upstream-reset") => return Some(Failure::Reset),
+        _ => {}
+    }
+    let http = rsp.status().as_u16();
+    let grpc = rsp
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
+    match grpc {
+        Some(0) => None,
+        Some(code) => Some(Failure::Status {
+            http,
+            grpc: Some(code),
+        }),
+        None if http >= 400 => Some(Failure::Status { http, grpc: None }),
+        None => None,
+    }
+}
+
+/// Failures that say something about the endpoint's health (not about the request).
+fn counts_against_endpoint(f: Failure) -> bool {
+    match f {
+        Failure::ConnectFailure
+        | Failure::Reset
+        | Failure::PerTryTimeout
+        | Failure::RefusedStream => true,
+        Failure::Status { http, grpc: None } => (502..=504).contains(&http),
+        Failure::Status {
+            grpc: Some(code), ..
+        } => code == 14,
+    }
+}

@@ -1,0 +1,296 @@
+//! Which TrafficPolicy applies to an outbound call, and the runtime state that goes with it.
+//!
+//! Precedence (../shared/DESIGN.md "Scoping and precedence"): a policy whose `addresses` hold the
+//! original destination beats one whose `host` matches the HTTP authority, which beats a
+//! namespace default (a policy with neither host nor addresses, in the client's namespace), which
+//! beats the built-in default. A policy in namespace N applies to clients in N, and to every
+//! client when its host is a service in N.
+//!
+//! Host names are compared fully qualified: `reviews`, `reviews.default`, `reviews.default.svc`
+//! and `reviews.default.svc.cluster.local` are the same service for a client in `default`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use trellis_proto::policy::{Destination, Ejection, Protocol, Retries, TrafficPolicy};
+
+use crate::balance::Balancer;
+use crate::retry::Budget;
+
+/// Everything an outbound call needs from its policy.
+pub struct Route {
+    /// `namespace/name` of the policy, or `default` for the built-in default.
+    pub name: String,
+    pub policy: TrafficPolicy,
+    pub budget: Arc<Budget>,
+    /// Present when the policy lists endpoints.
+    pub balancer: Option<Balancer>,
+}
+
+impl Route {
+    pub fn builtin_default(budget: Arc<Budget>) -> Self {
+        Self {
+            name: "default".into(),
+            policy: TrafficPolicy {
+                name: "default".into(),
+                namespace: String::new(),
+                destination: Destination::default(),
+                protocol: Protocol::Auto,
+                timeout: None,
+                idle_timeout: None,
+                retries: Retries::default(),
+                ejection: Ejection::default(),
+                tls: None,
+            },
+            budget,
+            balancer: None,
+        }
+    }
+}
+
+/// Who the client is, for scoping and short names.
+#[derive(Debug, Clone)]
+pub struct ClientScope {
+    pub namespace: String,
+    pub cluster_domain: String,
+}
+
+/// The compiled lookup tables of one policy version.
+pub struct RouteTable {
+    by_address: HashMap<SocketAddr, Arc<Route>>,
+    by_host: Vec<(String, Option<u16>, Arc<Route>)>,
+    namespace_default: Option<Arc<Route>>,
+    default: Arc<Route>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Arc<Route>>, default: Arc<Route>, scope: &ClientScope) -> Self {
+        let mut by_address = HashMap::new();
+        let mut by_host = Vec::new();
+        let mut namespace_default = None;
+        for route in routes {
+            let p = &route.policy;
+            let dest = &p.destination;
+            let host = dest
+                .host
+                .as_deref()
+                .map(|h| qualify(h, &p.namespace, &scope.cluster_domain));
+            let in_scope = p.namespace == scope.namespace
+                || host.as_deref().is_some_and(|h| {
+                    service_namespace(h, &scope.cluster_domain) == Some(p.namespace.as_str())
+                });
+            if !in_scope {
+                continue;
+            }
+            for addr in &dest.addresses {
+                by_address.entry(*addr).or_insert_with(|| route.clone());
+            }
+            if let Some(host) = host {
+                by_host.push((host, dest.port, route.clone()));
+            }
+            if dest.host.is_none() && dest.addresses.is_empty() && p.namespace == scope.namespace {
+                namespace_default.get_or_insert(route.clone());
+            }
+        }
+        Self {
+            by_address,
+            by_host,
+            namespace_default,
+            default,
+        }
+    }
+
+    /// The route for a call to `orig_dst` with HTTP `authority` (none for opaque TCP).
+    pub fn route(
+        &self,
+        authority: Option<&str>,
+        orig_dst: SocketAddr,
+        scope: &ClientScope,
+    ) -> &Arc<Route> {
+        if let Some(route) = self.by_address.get(&orig_dst) {
+            return route;
+        }
+        if let Some(authority) = authority {
+            let (host, port) = split_authority(authority);
+            let port = port.unwrap_or(orig_dst.port());
+            let host = qualify(host, &scope.namespace, &scope.cluster_domain);
+            if let Some((_, _, route)) = self
+                .by_host
+                .iter()
+                .find(|(h, p, _)| *h == host && p.is_none_or(|p| p == port))
+            {
+                return route;
+            }
+        }
+        self.namespace_default.as_ref().unwrap_or(&self.default)
+    }
+
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Route>> {
+        self.by_address
+            .values()
+            .chain(self.by_host.iter().map(|(_, _, r)| r))
+            .chain(self.namespace_default.iter())
+    }
+}
+
+/// `host[:port]` → (lower-case host without a trailing dot, port).
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        // [v6]:port
+        let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
+        return (host, after.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
+        _ => (authority, None),
+    }
+}
+
+/// Completes a Kubernetes short name against `namespace` and `cluster_domain`.
+pub fn qualify(host: &str, namespace: &str, cluster_domain: &str) -> String {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    if host.parse::<std::net::IpAddr>().is_ok() || host.ends_with(&format!(".svc.{cluster_domain}"))
+    {
+        return host;
+    }
+    match host.matches('.').count() {
+        0 => format!("{host}.{namespace}.svc.{cluster_domain}"),
+        1 => format!("{host}.svc.{cluster_domain}"),
+        _ if host.ends_with(".svc") => format!("{host}.{cluster_domain}"),
+        _ => host,
+    }
+}
+
+/// `name.ns.svc.<domain>` → `ns`.
+fn service_namespace<'a>(fqdn: &'a str, cluster_domain: &str) -> Option<&'a str> {
+    let rest = fqdn.strip_suffix(&format!(".svc.{cluster_domain}"))?;
+    rest.rsplit_once('.').map(|(_, ns)| ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::policy::PolicySet;
+
+    fn scope() -> ClientScope {
+        ClientScope {
+            namespace: "default".into(),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn table(yaml: &str) -> RouteTable {
+        let set = PolicySet::parse(yaml).unwrap();
+        let routes = set
+            .traffic
+            .into_iter()
+            .map(|p| {
+                Arc::new(Route {
+                    name: format!("{}/{}", p.namespace, p.name),
+                    policy: p,
+                    budget: Arc::default(),
+                    balancer: None,
+                })
+            })
+            .collect();
+        RouteTable::new(
+            routes,
+            Arc::new(Route::builtin_default(Arc::default())),
+            &scope(),
+        )
+    }
+
+    const POLICIES: &str = "
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: by-host}
+spec: {destination: {host: reviews.default.svc.cluster.local, port: 9080}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: by-address}
+spec: {destination: {host: ratings, addresses: [\"10.96.0.12:9080\"]}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ns-default}
+spec: {timeout: 5s}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: other-ns-client-only, namespace: shop}
+spec: {destination: {host: payments.default}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: cart, namespace: shop}
+spec: {destination: {host: cart}}
+";
+
+    #[test]
+    fn short_names_are_qualified_like_kubernetes_dns() {
+        assert_eq!(
+            qualify("reviews", "default", "cluster.local"),
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            qualify("reviews.default", "x", "cluster.local"),
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            qualify("reviews.default.svc", "x", "cluster.local"),
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(
+            qualify("Reviews.Default.svc.cluster.local.", "x", "cluster.local"),
+            "reviews.default.svc.cluster.local"
+        );
+        assert_eq!(qualify("10.0.0.1", "x", "cluster.local"), "10.0.0.1");
+    }
+
+    #[test]
+    fn address_beats_host_beats_namespace_default() {
+        let t = table(POLICIES);
+        let s = scope();
+        let vip: SocketAddr = "10.96.0.12:9080".parse().unwrap();
+        let pod: SocketAddr = "10.1.0.5:9080".parse().unwrap();
+        assert_eq!(
+            t.route(Some("reviews:9080"), vip, &s).name,
+            "default/by-address"
+        );
+        assert_eq!(
+            t.route(Some("reviews:9080"), pod, &s).name,
+            "default/by-host"
+        );
+        assert_eq!(
+            t.route(Some("reviews.default:9080"), pod, &s).name,
+            "default/by-host"
+        );
+        assert_eq!(
+            t.route(Some("reviews"), pod, &s).name,
+            "default/by-host",
+            "port from the original destination"
+        );
+        assert_eq!(
+            t.route(Some("reviews:8080"), pod, &s).name,
+            "default/ns-default",
+            "port must match"
+        );
+        assert_eq!(t.route(None, pod, &s).name, "default/ns-default");
+    }
+
+    #[test]
+    fn policies_apply_to_their_namespace_and_to_everyone_for_their_own_hosts() {
+        let t = table(POLICIES);
+        let s = scope();
+        let pod: SocketAddr = "10.1.0.9:80".parse().unwrap();
+        // shop's policy for a host in default is for shop's clients only.
+        assert_eq!(
+            t.route(Some("payments.default"), pod, &s).name,
+            "default/ns-default"
+        );
+        // shop's policy for its own service applies to clients everywhere.
+        assert_eq!(t.route(Some("cart.shop"), pod, &s).name, "shop/cart");
+    }
+}

@@ -1,0 +1,141 @@
+//! The current policy snapshot, its compiled routes, and the state that outlives reloads
+//! (retry budgets per policy, endpoint health).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::watch;
+use trellis_proto::policy::{self, PolicySet};
+
+use super::routes::{ClientScope, Route, RouteTable};
+use crate::balance::{Balancer, EndpointRegistry};
+use crate::retry::Budget;
+
+/// One version of the policy, compiled for lookups.
+pub struct Snapshot {
+    /// A content hash; `none` before any policy was loaded.
+    pub version: String,
+    /// Where it came from: `none` or `file:<path>`.
+    pub source: String,
+    pub loaded_at: Option<SystemTime>,
+    pub set: PolicySet,
+    pub routes: RouteTable,
+    /// Inbound ports that skip protocol detection (ServerPolicies selecting this workload).
+    pub inbound_opaque_ports: Vec<u16>,
+}
+
+pub struct PolicyStore {
+    tx: watch::Sender<Arc<Snapshot>>,
+    pub scope: ClientScope,
+    service_account: Option<String>,
+    endpoints: EndpointRegistry,
+    budgets: Mutex<HashMap<String, (policy::Budget, Arc<Budget>)>>,
+    default_route: Arc<Route>,
+}
+
+impl PolicyStore {
+    pub fn new(scope: ClientScope, service_account: Option<String>) -> Arc<Self> {
+        let default_route = Arc::new(Route::builtin_default(Arc::new(Budget::default())));
+        let empty = Snapshot {
+            version: "none".into(),
+            source: "none".into(),
+            loaded_at: None,
+            set: PolicySet::default(),
+            routes: RouteTable::new(Vec::new(), default_route.clone(), &scope),
+            inbound_opaque_ports: Vec::new(),
+        };
+        let (tx, _) = watch::channel(Arc::new(empty));
+        Arc::new(Self {
+            tx,
+            scope,
+            service_account,
+            endpoints: EndpointRegistry::default(),
+            budgets: Mutex::default(),
+            default_route,
+        })
+    }
+
+    /// The snapshot in force.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// Compiles `set` and puts it in force.
+    pub fn apply(&self, set: PolicySet, version: String, source: String) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keep_budgets = HashMap::new();
+        let mut all_endpoints = Vec::new();
+        let routes = set
+            .traffic
+            .iter()
+            .map(|p| {
+                let name = format!("{}/{}", p.namespace, p.name);
+                // A budget survives a reload unless its settings changed.
+                let budget = match budgets.remove(&name) {
+                    Some((cfg, b)) if cfg == p.retries.budget => b,
+                    _ => Arc::new(Budget::new(&p.retries.budget)),
+                };
+                keep_budgets.insert(name.clone(), (p.retries.budget, budget.clone()));
+                all_endpoints.extend_from_slice(&p.destination.endpoints);
+                let balancer = (!p.destination.endpoints.is_empty())
+                    .then(|| Balancer::new(&p.destination.endpoints, &self.endpoints));
+                Arc::new(Route {
+                    name,
+                    policy: p.clone(),
+                    budget,
+                    balancer,
+                })
+            })
+            .collect();
+        *budgets = keep_budgets;
+        self.endpoints.retain(&all_endpoints);
+        let inbound_opaque_ports = set
+            .server
+            .iter()
+            .filter(|s| {
+                s.selector.service_account.is_none()
+                    || s.selector.service_account == self.service_account
+            })
+            .flat_map(|s| s.opaque_ports.iter().copied())
+            .collect();
+        let snapshot = Snapshot {
+            version,
+            source,
+            loaded_at: Some(SystemTime::now()),
+            routes: RouteTable::new(routes, self.default_route.clone(), &self.scope),
+            set,
+            inbound_opaque_ports,
+        };
+        self.tx.send_replace(Arc::new(snapshot));
+    }
+
+    /// What `/config` shows about policy: version, source, content, and endpoint health.
+    pub fn config_json(&self) -> serde_json::Value {
+        let s = self.current();
+        let mut endpoints = Vec::new();
+        for route in s.routes.all() {
+            if let Some(b) = &route.balancer {
+                for e in b.endpoints() {
+                    let (latency, pending, ejected_for) = e.snapshot();
+                    endpoints.push(serde_json::json!({
+                        "policy": route.name,
+                        "address": e.addr.to_string(),
+                        "latencyEwmaMs": latency.as_secs_f64() * 1e3,
+                        "inFlight": pending,
+                        "ejectedForMs": ejected_for.map(|d| d.as_millis() as u64),
+                    }));
+                }
+            }
+        }
+        endpoints.sort_by_key(|e| e.to_string());
+        endpoints.dedup();
+        serde_json::json!({
+            "version": s.version,
+            "source": s.source,
+            "loadedAt": s.loaded_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "policy": s.set,
+            "endpoints": endpoints,
+        })
+    }
+}
