@@ -310,3 +310,38 @@ fn a_grpc_stream_outlives_the_request_timeout() {
     assert_eq!(out["ok"], true, "{out}");
     assert_eq!(out["items"].as_array().unwrap().len(), 6);
 }
+
+#[test]
+fn when_every_endpoint_is_ejected_the_call_fails_with_no_healthy_endpoints() {
+    let Some(mesh) = Mesh::new("no_healthy") else {
+        return;
+    };
+    let dead = mesh.pod("dead");
+    dead.start_sidecar(&[]);
+    let client = mesh.pod("client");
+    let p = policy(
+        "gone",
+        &format!(
+            "{{host: gone, port: 8080, endpoints: [\"{}\"]}}",
+            dead.addr(8080)
+        ),
+        "  retries: {maxRetries: 1, on: [connect-failure]}\n  ejection: {consecutiveFailures: 1, baseTime: 30s, maxTime: 60s}",
+    );
+    let file = mesh.write_file("policy.yaml", &p);
+    client.start_sidecar(&["--policy-file", &file.to_string_lossy()]);
+    // The only endpoint fails once and is ejected; the retry finds nothing to send to.
+    let rsp = client.curl(&["-H", "Host: gone:8080", &dead.url(8080, "/")]);
+    assert_eq!(rsp.status, 503, "{rsp:?}");
+    assert_eq!(rsp.header("trellis-error"), Some("no-healthy-endpoints"));
+    assert!(
+        rsp.body
+            .contains("all 1 endpoints of policy default/gone are ejected"),
+        "{}",
+        rsp.body
+    );
+    let config: serde_json::Value = serde_json::from_str(&client.admin_get("/config").1).unwrap();
+    assert!(
+        config["endpoints"][0]["ejectedForMs"].as_u64().unwrap() > 20_000,
+        "{config}"
+    );
+}

@@ -107,3 +107,67 @@ fn server_first_protocols_wait_only_for_the_detect_timeout_and_opaque_ports_not_
         "opaque port banner after {first} ms: it waited for detection"
     );
 }
+
+#[test]
+fn an_idle_opaque_stream_is_closed_after_the_policy_idle_timeout() {
+    let Some(mesh) = Mesh::new("tcp_idle") else {
+        return;
+    };
+    let server = mesh.pod("server");
+    server.spawn_app(&["tcp-echo", "--listen", "0.0.0.0:7000"]);
+    server.start_sidecar(&[]);
+    let client = mesh.pod("client");
+    let policy = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: echo}}\n\
+         spec: {{destination: {{addresses: [\"{}\"]}}, protocol: opaque, idleTimeout: 500ms}}\n",
+        server.addr(7000)
+    );
+    let file = mesh.write_file("policy.yaml", &policy);
+    client.start_sidecar(&["--policy-file", &file.to_string_lossy()]);
+
+    // Active within the idle timeout: the echo comes back.
+    let out = client.testapp(&[
+        "tcp-call",
+        "--connect",
+        &server.addr(7000).to_string(),
+        "--hold-ms",
+        "100",
+        "--send",
+        "on time",
+    ]);
+    assert_eq!(out["received"], "on time");
+    // Silent for 1.5 s: the client's sidecar closes the stream after 500 ms.
+    let late = client.exec(
+        &trellis_tests::harness::testapp_bin().to_string_lossy(),
+        &[
+            "tcp-call",
+            "--connect",
+            &server.addr(7000).to_string(),
+            "--hold-ms",
+            "1500",
+            "--send",
+            "too late",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&late.stdout);
+    assert!(
+        !stdout.contains("too late"),
+        "the echo came back after the idle timeout: {stdout}"
+    );
+    let m = client.metrics();
+    assert_eq!(
+        m.sum(
+            "trellis_proxy_errors_total",
+            &[("direction", "outbound"), ("cause", "idle-timeout")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "trellis_tcp_connections_opened_total",
+            &[("protocol", "opaque")]
+        ),
+        2.0,
+        "protocol: opaque skipped detection"
+    );
+}

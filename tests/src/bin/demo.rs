@@ -28,8 +28,20 @@ fn main() -> ExitCode {
     ]);
     reviews.spawn_app(&["tcp-echo", "--listen", "[::]:7000"]);
     reviews.start_sidecar(&[]);
+    // A second "reviews" instance whose app is down: its sidecar answers connect-refused.
+    let broken = mesh.pod("reviews-down");
+    broken.start_sidecar(&[]);
     let productpage = mesh.pod("productpage");
-    productpage.start_sidecar(&[]);
+    let policy = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: reviews}}\nspec:\n  \
+         destination: {{host: reviews, port: 9080, endpoints: [\"{}\", \"{}\"]}}\n  \
+         retries: {{maxRetries: 2, on: [connect-failure, gateway-error]}}\n  \
+         ejection: {{consecutiveFailures: 2, baseTime: 10s}}\n",
+        reviews.addr(9080),
+        broken.addr(9080)
+    );
+    let policy_file = mesh.write_file("productpage-policy.yaml", &policy);
+    productpage.start_sidecar(&["--policy-file", &policy_file.to_string_lossy()]);
 
     println!(
         "Two pods, each a network namespace on one bridge, each with `trellis-proxy init` rules"
@@ -135,6 +147,52 @@ fn main() -> ExitCode {
         rsp.header("trellis-error").unwrap_or("-")
     );
     println!("   body: {}", rsp.body.trim());
+
+    section(
+        6,
+        "A retry hides a failing instance",
+        &format!(
+            "TrafficPolicy reviews: endpoints {} (up) and {} (app down), retries on connect-failure",
+            reviews.addr(9080),
+            broken.addr(9080)
+        ),
+    );
+    let statuses: Vec<String> = (0..10)
+        .map(|_| productpage.curl(&["-H", "Host: reviews:9080", &reviews.url(9080, "/")]))
+        .map(|r| r.status.to_string())
+        .collect();
+    let m = productpage.metrics();
+    println!("   10 calls to reviews: {}", statuses.join(" "));
+    println!(
+        "   retries on connect-failure: {}; endpoint {} ejected {} time(s)",
+        m.sum(
+            "trellis_retries_total",
+            &[("policy", "default/reviews"), ("reason", "connect-failure")]
+        ),
+        broken.addr(9080),
+        m.sum(
+            "trellis_endpoint_ejections_total",
+            &[("endpoint", &broken.addr(9080).to_string())]
+        ),
+    );
+    let config: Value =
+        serde_json::from_str(&productpage.admin_get("/config").1).unwrap_or(Value::Null);
+    for e in config["endpoints"].as_array().into_iter().flatten() {
+        let state = match e["ejectedForMs"].as_u64() {
+            Some(ms) => format!("ejected for another {:.1} s", ms as f64 / 1e3),
+            None => "healthy".to_string(),
+        };
+        println!(
+            "   /config: {} {state}, latency estimate {:.2} ms",
+            e["address"].as_str().unwrap_or("?"),
+            e["latencyEwmaMs"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "   policy version in force: {} ({})",
+        config["version"].as_str().unwrap_or("?"),
+        config["source"].as_str().unwrap_or("?")
+    );
 
     println!("\nProxy metrics (GET 127.0.0.1:4191/metrics in each pod)\n");
     println!(
