@@ -63,7 +63,6 @@ impl Listener {
             metrics.clone(),
             config.access_log,
             policies.clone(),
-            config.idle_timeout,
         ));
         let limit = Arc::new(Semaphore::new(config.max_connections));
         Arc::new(Self {

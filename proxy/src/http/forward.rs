@@ -47,7 +47,6 @@ pub struct Forwarder {
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     policies: Arc<PolicyStore>,
-    idle_timeout: Option<Duration>,
 }
 
 /// A request ready to send, minus its body.
@@ -77,7 +76,6 @@ impl Forwarder {
         metrics: Arc<Metrics>,
         access_log: AccessLog,
         policies: Arc<PolicyStore>,
-        idle_timeout: Option<Duration>,
     ) -> Self {
         Self {
             direction,
@@ -85,7 +83,6 @@ impl Forwarder {
             metrics,
             access_log,
             policies,
-            idle_timeout,
         }
     }
 
@@ -158,7 +155,7 @@ impl Forwarder {
             policy: String::new(),
             endpoint: call.orig_dst,
             deadline: None,
-            idle_timeout: self.idle_timeout,
+            idle_timeout: None,
         }
     }
 
@@ -173,7 +170,9 @@ impl Forwarder {
         let policy = &route.policy;
         let retries = &policy.retries;
         let deadline = policy.timeout.map(|t| start + t);
-        let idle_timeout = policy.idle_timeout.or(self.idle_timeout);
+        // Only a policy's own idleTimeout needs a timer per response body; the proxy-wide idle
+        // timeout is enforced once per connection (listener.rs), at no per-request cost.
+        let idle_timeout = policy.idle_timeout;
         route.budget.record_request();
 
         let declared_len = call

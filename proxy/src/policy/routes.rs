@@ -111,7 +111,7 @@ impl RouteTable {
         if let Some(route) = self.by_address.get(&orig_dst) {
             return route;
         }
-        if let Some(authority) = authority {
+        if let Some(authority) = authority.filter(|_| !self.by_host.is_empty()) {
             let (host, port) = split_authority(authority);
             let port = port.unwrap_or(orig_dst.port());
             let host = qualify(host, &scope.namespace, &scope.cluster_domain);
