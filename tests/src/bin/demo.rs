@@ -1,6 +1,6 @@
 //! `trellis-demo`: the local mesh demo (the README's first command).
 //!
-//! Two pods in network namespaces with real interception rules and real sidecars; traffic of
+//! Three pods in network namespaces with real interception rules and real sidecars; traffic of
 //! every kind flows from one to the other; the report shows each hop from the proxies' own access
 //! logs, a failure the proxy names, and the proxies' key metrics.
 
@@ -44,7 +44,7 @@ fn main() -> ExitCode {
     productpage.start_sidecar(&["--policy-file", &policy_file.to_string_lossy()]);
 
     println!(
-        "Two pods, each a network namespace on one bridge, each with `trellis-proxy init` rules"
+        "Three pods, each a network namespace on one bridge, each with `trellis-proxy init` rules"
     );
     println!("and a sidecar (`trellis-proxy run`, UID 2102):\n");
     println!("  {:<12} {:<10} {:<8} apps", "pod", "IPv4", "IPv6");
@@ -55,6 +55,10 @@ fn main() -> ExitCode {
     println!(
         "  {:<12} {:<10} {:<8} HTTP :9080, gRPC :50051, TCP echo :7000",
         reviews.name, reviews.ip, reviews.ip6
+    );
+    println!(
+        "  {:<12} {:<10} {:<8} a second reviews instance whose app is down (used in step 6)",
+        broken.name, broken.ip, broken.ip6
     );
     println!(
         "\nInterception rules in {} (nat table, IPv4; the same for IPv6):",
