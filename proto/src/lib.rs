@@ -2,8 +2,15 @@
 //!
 //! - [`policy`]: the policy model — `TrafficPolicy` and `ServerPolicy` documents as people write
 //!   them in YAML, parsed into typed values and validated with errors that name the field.
-//!
-//! The gRPC services (`ConfigService`, `IdentityService`, `PolicyService`) join this crate with
-//! the control plane.
+//! - [`pb`]: the gRPC services and messages generated from `proto/trellis/v1/*.proto`
+//!   (`ConfigService`, `PolicyService`).
+//! - [`wire`]: conversions between the two, validated by the same rules as YAML.
 
 pub mod policy;
+pub mod wire;
+
+/// Generated from `proto/trellis/v1/`.
+#[allow(clippy::all)]
+pub mod pb {
+    tonic::include_proto!("trellis.v1");
+}

@@ -7,7 +7,7 @@
 //! live here, in one place, as the `Default` impls.
 
 mod fields;
-mod validate;
+pub(crate) mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -14,6 +14,11 @@ use super::*;
 pub(super) fn parse(yaml: &str) -> Result<PolicySet, PolicyErrors> {
     let docs: Vec<Value> = serde_saphyr::from_multiple(yaml)
         .map_err(|e| PolicyErrors(vec![format!("not valid YAML: {e}")]))?;
+    parse_values(&docs)
+}
+
+/// Validates documents already read into untyped values (from YAML, or rebuilt from the wire).
+pub(crate) fn parse_values(docs: &[Value]) -> Result<PolicySet, PolicyErrors> {
     let mut set = PolicySet::default();
     let mut errors = Vec::new();
     let mut seen = HashSet::new();
