@@ -1,5 +1,12 @@
-//! The Trellis control plane.
+//! The Trellis control plane: the place where policy lives and from which it reaches every proxy.
 //!
-//! `trellis-control` pushes policy to proxies over gRPC, issues their certificates and injects
-//! the sidecar into pods. It is built on top of the proxy core; until then this crate is
-//! intentionally empty so that the workspace layout of `../shared/DESIGN.md` is in place.
+//! - [`store`]: policies and their version, persisted in `--state-dir` (atomic write + fsync).
+//! - [`server`]: the gRPC services — `PolicyService` (what the CLI calls) and `ConfigService`
+//!   (the proxies' ACK/NACK streams) — and the per-proxy records `status` reports.
+//! - [`admin`]: the control plane's own `/live`, `/ready` and `/metrics`.
+//! - [`cli`]: `apply`, `delete`, `get`, `status`.
+
+pub mod admin;
+pub mod cli;
+pub mod server;
+pub mod store;

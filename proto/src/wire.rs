@@ -108,7 +108,7 @@ pub fn documents(traffic: &[pb::TrafficPolicy], server: &[pb::ServerPolicy]) -> 
 }
 
 fn ms(v: u64) -> Value {
-    Value::String(format!("{v}ms"))
+    Value::String(humantime::format_duration(std::time::Duration::from_millis(v)).to_string())
 }
 
 fn doc(kind: &str, namespace: &str, name: &str, spec: Map<String, Value>) -> Value {

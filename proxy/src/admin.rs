@@ -122,7 +122,7 @@ fn route(
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: listeners are not bound yet\n",
+                    "not ready: starting (listeners, or the first policy snapshot from the control plane)\n",
                 )
             }
         }

@@ -105,6 +105,17 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_POLICY_FILE")]
     pub policy_file: Option<std::path::PathBuf>,
 
+    /// The control plane's gRPC URL (e.g. http://trellis-control.trellis:7443): policy arrives
+    /// from there, with ACK/NACK. Exclusive with --policy-file.
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE", conflicts_with = "policy_file")]
+    pub control_plane: Option<String>,
+
+    /// With --control-plane: how long /ready waits for the first snapshot before the proxy
+    /// becomes ready with the built-in default policy (0: wait for ever).
+    #[arg(long, env = "TRELLIS_READY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub ready_timeout: Duration,
+
     /// How often --policy-file is checked for changes.
     #[arg(long, env = "TRELLIS_POLICY_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     #[serde(with = "humantime_serde_compat")]

@@ -18,7 +18,7 @@ use crate::drain::{self, Drained};
 use crate::listener::{Listener, ListenerConfig};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::routes::ClientScope;
-use crate::policy::{PolicyStore, file as policy_file};
+use crate::policy::{PolicyStore, control, file as policy_file};
 use crate::transport::{Connector, Pool, PoolConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +108,25 @@ async fn serve(
             args.policy_poll_interval,
         ));
     }
+    let first_snapshot = Arc::new(Notify::new());
+    if let Some(url) = args.control_plane.clone() {
+        let identity = control::Identity {
+            workload: args
+                .workload
+                .clone()
+                .unwrap_or_else(|| "default/unknown".into()),
+            service_account: args.service_account.clone().unwrap_or_default(),
+            pod_name: args.pod_name.clone().unwrap_or_default(),
+            pod_ip: args.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+        };
+        tokio::spawn(control::follow(
+            url,
+            identity,
+            policies.clone(),
+            metrics.clone(),
+            first_snapshot.clone(),
+        ));
+    }
     let idle_timeout = Some(args.idle_timeout).filter(|d| !d.is_zero());
     let own_ports = vec![
         args.inbound_addr.port(),
@@ -157,8 +176,20 @@ async fn serve(
         }
     }
     drop(watch);
-    admin.set_ready(true);
-    tracing::info!(admin = %args.admin_addr, "ready");
+    match args.control_plane.clone() {
+        None => {
+            admin.set_ready(true);
+            tracing::info!(admin = %args.admin_addr, "ready");
+        }
+        Some(url) => {
+            tokio::spawn(ready_after_first_snapshot(
+                url,
+                first_snapshot,
+                args.ready_timeout,
+                admin.clone(),
+            ));
+        }
+    }
 
     wait_for_shutdown(&shutdown).await?;
     admin.set_draining();
@@ -170,6 +201,36 @@ async fn serve(
         }
     }
     Ok(())
+}
+
+/// `/ready` turns 200 once the first snapshot from the control plane is in force (or, after
+/// `timeout`, with the built-in default policy), logging while it waits.
+async fn ready_after_first_snapshot(
+    url: String,
+    first: Arc<Notify>,
+    timeout: std::time::Duration,
+    admin: Arc<AdminState>,
+) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let wait = std::time::Duration::from_secs(5);
+        let wait = if timeout.is_zero() {
+            wait
+        } else {
+            wait.min(timeout.saturating_sub(start.elapsed()))
+        };
+        if tokio::time::timeout(wait, first.notified()).await.is_ok() {
+            admin.set_ready(true);
+            tracing::info!(elapsed = ?start.elapsed(), "ready: the first policy snapshot is in force");
+            return;
+        }
+        if !timeout.is_zero() && start.elapsed() >= timeout {
+            admin.set_ready(true);
+            tracing::warn!(%url, ?timeout, "ready without a policy snapshot: the control plane did not answer in time; serving with the built-in default policy");
+            return;
+        }
+        tracing::info!(%url, waited = ?start.elapsed(), "not ready: waiting for the first policy snapshot from the control plane");
+    }
 }
 
 async fn wait_for_shutdown(shutdown: &Notify) -> Result<(), RunError> {

@@ -20,6 +20,12 @@ pub fn testapp_bin() -> &'static Path {
     BIN.get_or_init(|| locate("trellis-testapp", "TRELLIS_TESTAPP_BIN"))
 }
 
+/// The `trellis-control` binary (override with `TRELLIS_CONTROL_BIN`).
+pub fn control_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| locate("trellis-control", "TRELLIS_CONTROL_BIN"))
+}
+
 fn locate(name: &str, env: &str) -> PathBuf {
     if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);

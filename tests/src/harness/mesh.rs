@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::netns::{Netns, run};
 use super::process::Proc;
-use super::{PROXY_UID, Scrape, privileged, proxy_bin, testapp_bin};
+use super::{PROXY_UID, Scrape, control_bin, privileged, proxy_bin, testapp_bin};
 
 static MESHES: AtomicUsize = AtomicUsize::new(0);
 
@@ -271,6 +271,36 @@ impl Pod {
         *self.proxy.lock().expect("proxy lock") = Some(proc);
     }
 
+    /// Starts `trellis-control serve` in this pod (port 7443, admin 9990) with `state_dir`, and
+    /// waits until it accepts connections.
+    pub fn start_control_plane(&self, state_dir: &std::path::Path) {
+        let mut cmd = self.ns.command(&control_bin().to_string_lossy());
+        cmd.args([
+            "serve",
+            "--grpc-addr",
+            "0.0.0.0:7443",
+            "--admin-addr",
+            "127.0.0.1:9990",
+            "--state-dir",
+        ])
+        .arg(state_dir);
+        self.spawn_and_wait(
+            "control plane",
+            cmd,
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 7443),
+        );
+    }
+
+    /// The control plane's URL for proxies in other pods.
+    pub fn control_url(&self) -> String {
+        format!("http://{}:7443", self.ip)
+    }
+
+    /// Runs the `trellis-control` CLI in this pod (against 127.0.0.1:7443 unless `--server`).
+    pub fn control(&self, args: &[&str]) -> Output {
+        self.ns.exec(&control_bin().to_string_lossy(), args)
+    }
+
     /// Starts `trellis-testapp ARGS` and waits until it accepts connections on its `--listen`.
     pub fn spawn_app(&self, args: &[&str]) {
         let listen: SocketAddr = args
@@ -288,24 +318,24 @@ impl Pod {
         };
         let mut cmd = self.ns.command(&testapp_bin().to_string_lossy());
         cmd.args(args);
+        self.spawn_and_wait(&format!("app {}", args[0]), cmd, probe);
+    }
+
+    fn spawn_and_wait(&self, what: &str, cmd: std::process::Command, probe: SocketAddr) {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         let log = self.dir.join(format!("{}-app-{n}.log", self.name));
-        let mut proc = Proc::spawn(&format!("{} app {}", self.name, args[0]), cmd, &log);
+        let mut proc = Proc::spawn(&format!("{} {what}", self.name), cmd, &log);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self
             .ns
             .enter(move || TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_ok())
         {
             if let Some(status) = proc.try_wait() {
-                panic!(
-                    "app {args:?} in {} exited ({status}):\n{}",
-                    self.name,
-                    proc.log()
-                );
+                panic!("{what} in {} exited ({status}):\n{}", self.name, proc.log());
             }
             assert!(
                 Instant::now() < deadline,
-                "app {args:?} in {} not listening on {probe} after 10s",
+                "{what} in {} not listening on {probe} after 10s",
                 self.name
             );
             std::thread::sleep(Duration::from_millis(20));

@@ -23,7 +23,7 @@ mod metrics;
 mod netns;
 mod process;
 
-pub use bins::{proxy_bin, testapp_bin};
+pub use bins::{control_bin, proxy_bin, testapp_bin};
 pub use mesh::{CurlResult, Mesh, Pod};
 pub use metrics::Scrape;
 pub use netns::Netns;

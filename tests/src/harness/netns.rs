@@ -51,6 +51,21 @@ impl Netns {
         .expect("thread inside the namespace panicked")
     }
 
+    /// Starts a thread inside this namespace that runs `f` (e.g. a server) until it returns.
+    pub fn spawn_thread<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> std::thread::JoinHandle<R> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+
     /// Deletes namespaces left behind by test processes that no longer exist.
     pub fn sweep_stale(prefix: &str) {
         let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {

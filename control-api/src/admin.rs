@@ -1,0 +1,155 @@
+//! The control plane's own health: `/live`, `/ready` and `/metrics` on `--admin-addr`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    connected: Gauge,
+    pushes: Counter,
+    answers: Family<ResultLabels, Counter>,
+    convergence: Histogram,
+    apply_errors: Family<ReasonLabels, Counter>,
+    pub ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trellis_control");
+        let connected = Gauge::default();
+        registry.register(
+            "proxies_connected",
+            "Proxies with an open ConfigService stream",
+            connected.clone(),
+        );
+        let pushes = Counter::default();
+        registry.register(
+            "snapshot_pushes",
+            "Snapshots sent to proxies",
+            pushes.clone(),
+        );
+        let answers = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "snapshot_answers",
+            "Proxy answers to snapshots: ack or nack",
+            answers.clone(),
+        );
+        let convergence = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "convergence_seconds",
+            "Time from a policy commit to each proxy's acknowledgement",
+            convergence.clone(),
+        );
+        let apply_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "apply_errors",
+            "Rejected Apply/Delete calls: invalid or storage",
+            apply_errors.clone(),
+        );
+        Self {
+            registry,
+            connected,
+            pushes,
+            answers,
+            convergence,
+            apply_errors,
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn proxy_connected(&self, delta: i64) {
+        self.connected.inc_by(delta);
+    }
+    pub fn push(&self) {
+        self.pushes.inc();
+    }
+    pub fn answer(&self, ack: bool) {
+        self.answers
+            .get_or_create(&ResultLabels {
+                result: if ack { "ack" } else { "nack" },
+            })
+            .inc();
+    }
+    pub fn converged(&self, elapsed: Duration) {
+        self.convergence.observe(elapsed.as_secs_f64());
+    }
+    pub fn apply_error(&self, reason: &'static str) {
+        self.apply_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves the admin endpoints until the process exits.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        async move {
+                            let (status, body) = match req.uri().path() {
+                                "/live" => (StatusCode::OK, "live\n".to_string()),
+                                "/ready" if metrics.ready.load(Ordering::Acquire) => {
+                                    (StatusCode::OK, "ready\n".to_string())
+                                }
+                                "/ready" => (
+                                    StatusCode::SERVICE_UNAVAILABLE,
+                                    "not ready: starting\n".to_string(),
+                                ),
+                                "/metrics" => (StatusCode::OK, metrics.encode()),
+                                _ => (
+                                    StatusCode::NOT_FOUND,
+                                    "not found: try /live, /ready or /metrics\n".to_string(),
+                                ),
+                            };
+                            let mut rsp = Response::new(Full::new(Bytes::from(body)));
+                            *rsp.status_mut() = status;
+                            Ok::<_, Infallible>(rsp)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! `ConfigService.Stream`: one bidirectional stream per proxy.
+//!
+//! The proxy subscribes; a task of this stream's own sends it the current snapshot (unless it
+//! already holds that version) and every later one whose content changed for it; each snapshot
+//! carries the version and a fresh nonce, and the proxy's Ack or Nack for that nonce is recorded
+//! (a rejected version is never recorded as acknowledged). Only the latest state is ever sent:
+//! a proxy that falls behind skips versions instead of queueing them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_proto::pb::config_service_server::ConfigService;
+use trellis_proto::pb::{ProxyMessage, Snapshot, proxy_message};
+
+use super::{Hub, ProxyRecord, now_ms};
+
+pub struct ConfigServer {
+    hub: Arc<Hub>,
+    streams: AtomicU64,
+}
+
+impl ConfigServer {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self {
+            hub,
+            streams: AtomicU64::new(0),
+        }
+    }
+}
+
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ConfigService for ConfigServer {
+    type StreamStream = SnapshotStream;
+
+    async fn stream(
+        &self,
+        req: Request<Streaming<ProxyMessage>>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let mut incoming = req.into_inner();
+        let first = incoming
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream closed before a Subscribe"))?;
+        let Some(proxy_message::Kind::Subscribe(sub)) = first.kind else {
+            return Err(Status::invalid_argument(
+                "the first message must be a Subscribe",
+            ));
+        };
+        if sub
+            .workload
+            .split_once('/')
+            .is_none_or(|(ns, name)| ns.is_empty() || name.is_empty())
+        {
+            return Err(Status::invalid_argument(format!(
+                "Subscribe.workload {:?} is not NAMESPACE/NAME",
+                sub.workload
+            )));
+        }
+        let n = self.streams.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}@{peer}#{n}", sub.workload);
+        let held: Option<u64> = sub.version.parse().ok();
+        self.hub.lock_proxies().insert(
+            id.clone(),
+            ProxyRecord {
+                id: id.clone(),
+                workload: sub.workload.clone(),
+                service_account: sub.service_account.clone(),
+                address: if sub.pod_ip.is_empty() {
+                    peer.clone()
+                } else {
+                    sub.pod_ip.clone()
+                },
+                sent_version: None,
+                sent_hash: None,
+                acked_version: held,
+                acked_at_ms: 0,
+                last_nack: None,
+                last_seen_ms: now_ms(),
+                connected: true,
+            },
+        );
+        self.hub.metrics.proxy_connected(1);
+        tracing::info!(%id, held = ?held, "proxy subscribed");
+
+        let (tx, rx) = mpsc::channel(2);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            serve_stream(&hub, &id, &sub.service_account, held, &mut incoming, tx).await;
+            if let Some(p) = hub.lock_proxies().get_mut(&id) {
+                p.connected = false;
+                p.last_seen_ms = now_ms();
+            }
+            hub.metrics.proxy_connected(-1);
+            tracing::info!(%id, "proxy stream ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+async fn serve_stream(
+    hub: &Hub,
+    id: &str,
+    service_account: &str,
+    held: Option<u64>,
+    incoming: &mut Streaming<ProxyMessage>,
+    tx: mpsc::Sender<Result<Snapshot, Status>>,
+) {
+    let mut changes = hub.subscribe();
+    let mut nonce = 0u64;
+    let mut first = true;
+    loop {
+        // Send the current snapshot if it is new for this proxy.
+        let (mut snapshot, hash) = hub.snapshot_for(service_account);
+        let version: u64 = snapshot.version.parse().unwrap_or(0);
+        let (already_sent, acked) = {
+            let proxies = hub.lock_proxies();
+            let p = proxies.get(id);
+            (
+                p.and_then(|p| p.sent_hash) == Some(hash),
+                p.and_then(|p| p.acked_version),
+            )
+        };
+        let up_to_date = first && held == Some(version) && acked == Some(version);
+        if !already_sent && !up_to_date {
+            nonce += 1;
+            snapshot.nonce = nonce.to_string();
+            if let Some(p) = hub.lock_proxies().get_mut(id) {
+                p.sent_version = Some(version);
+                p.sent_hash = Some(hash);
+            }
+            hub.metrics.push();
+            if tx.send(Ok(snapshot)).await.is_err() {
+                return;
+            }
+        } else if up_to_date && let Some(p) = hub.lock_proxies().get_mut(id) {
+            p.sent_version = Some(version);
+            p.sent_hash = Some(hash);
+        }
+        first = false;
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            msg = incoming.message() => match msg {
+                Ok(Some(msg)) => record_answer(hub, id, msg),
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+fn record_answer(hub: &Hub, id: &str, msg: ProxyMessage) {
+    let mut proxies = hub.lock_proxies();
+    let Some(p) = proxies.get_mut(id) else { return };
+    p.last_seen_ms = now_ms();
+    match msg.kind {
+        Some(proxy_message::Kind::Ack(ack)) => {
+            let Ok(version) = ack.version.parse::<u64>() else {
+                return;
+            };
+            p.acked_version = Some(version);
+            p.acked_at_ms = now_ms();
+            drop(proxies);
+            hub.metrics.answer(true);
+            if let Some(elapsed) = hub.since_commit(version) {
+                hub.metrics.converged(elapsed);
+            }
+        }
+        Some(proxy_message::Kind::Nack(nack)) => {
+            let version = nack.version.parse::<u64>().unwrap_or(0);
+            tracing::warn!(%id, version, error = %nack.error, "proxy rejected a snapshot");
+            p.last_nack = Some((version, nack.error));
+            drop(proxies);
+            hub.metrics.answer(false);
+        }
+        _ => {}
+    }
+}

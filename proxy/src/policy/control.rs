@@ -1,0 +1,159 @@
+//! `--control-plane`: policy from `trellis-control` over `ConfigService.Stream`.
+//!
+//! The proxy subscribes with its workload and the version it holds, applies each snapshot
+//! atomically (requests in flight keep theirs) and ACKs it, or NACKs it with every error and
+//! keeps the last good one. While the control plane is away the last good policy keeps serving;
+//! the client reconnects with jittered exponential backoff (250 ms doubling to 10 s) and
+//! subscribes again with the version it holds, so an unchanged control plane sends nothing new.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_proto::pb::config_service_client::ConfigServiceClient;
+use trellis_proto::pb::{Ack, Nack, ProxyMessage, Subscribe, proxy_message};
+use trellis_proto::wire;
+
+use super::PolicyStore;
+use crate::metrics::Metrics;
+
+/// Who this proxy is, as it tells the control plane.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub workload: String,
+    pub service_account: String,
+    pub pod_name: String,
+    pub pod_ip: String,
+}
+
+/// Follows the control plane until the process exits. `first` is notified once the first
+/// snapshot is in force.
+pub async fn follow(
+    url: String,
+    identity: Identity,
+    store: Arc<PolicyStore>,
+    metrics: Arc<Metrics>,
+    first: Arc<Notify>,
+) {
+    const FIRST: Duration = Duration::from_millis(250);
+    const MAX: Duration = Duration::from_secs(10);
+    let mut backoff = FIRST;
+    let mut announced_first = false;
+    loop {
+        let mut delivered = false;
+        match session(
+            &url,
+            &identity,
+            &store,
+            &metrics,
+            &first,
+            &mut announced_first,
+            &mut delivered,
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::warn!(%url, "control plane closed the stream; keeping the policy in force and reconnecting")
+            }
+            Err(e) => {
+                tracing::warn!(%url, error = %e, in_force = %store.current().version, "control plane unreachable; keeping the policy in force")
+            }
+        }
+        if delivered {
+            // The control plane was healthy until just now: try again soon.
+            backoff = FIRST;
+        }
+        // Full jitter in [backoff/2, backoff]: proxies restarted together do not reconnect together.
+        let pause = Duration::from_millis(fastrand::u64(
+            backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64,
+        ));
+        tokio::time::sleep(pause).await;
+        backoff = (backoff * 2).min(MAX);
+    }
+}
+
+async fn session(
+    url: &str,
+    identity: &Identity,
+    store: &PolicyStore,
+    metrics: &Metrics,
+    first: &Notify,
+    announced_first: &mut bool,
+    delivered: &mut bool,
+) -> Result<(), String> {
+    let mut client = ConfigServiceClient::connect(url.to_string())
+        .await
+        .map_err(|e| {
+            let mut cause = e.to_string();
+            let mut next = std::error::Error::source(&e);
+            while let Some(s) = next {
+                cause = s.to_string();
+                next = s.source();
+            }
+            cause
+        })?;
+    let (tx, rx) = mpsc::channel(8);
+    let held = store.current();
+    let held_version = if held.source.starts_with("control-plane:") {
+        held.version.clone()
+    } else {
+        String::new()
+    };
+    let subscribe = Subscribe {
+        workload: identity.workload.clone(),
+        service_account: identity.service_account.clone(),
+        pod_name: identity.pod_name.clone(),
+        pod_ip: identity.pod_ip.clone(),
+        version: held_version.clone(),
+    };
+    tx.send(ProxyMessage {
+        kind: Some(proxy_message::Kind::Subscribe(subscribe)),
+    })
+    .await
+    .map_err(|_| "stream closed".to_string())?;
+    let mut snapshots = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| s.message().to_string())?
+        .into_inner();
+    tracing::info!(%url, held = %held_version, "subscribed to the control plane");
+    if !held_version.is_empty() && !*announced_first {
+        *announced_first = true;
+        first.notify_one();
+    }
+    while let Some(snapshot) = snapshots
+        .message()
+        .await
+        .map_err(|s| s.message().to_string())?
+    {
+        *delivered = true;
+        let (version, nonce) = (snapshot.version.clone(), snapshot.nonce.clone());
+        let answer = match wire::set_from_wire(&snapshot.traffic, &snapshot.server) {
+            Ok(set) => {
+                let (traffic, server) = (set.traffic.len(), set.server.len());
+                store.apply(set, version.clone(), format!("control-plane:{url}"));
+                metrics.policy_load(true, &version);
+                tracing::info!(%version, traffic, server, "policy applied from the control plane");
+                if !*announced_first {
+                    *announced_first = true;
+                    first.notify_one();
+                }
+                proxy_message::Kind::Ack(Ack { version, nonce })
+            }
+            Err(errors) => {
+                metrics.policy_load(false, &store.current().version);
+                tracing::error!(%version, in_force = %store.current().version, "{errors}; snapshot rejected, the policy in force stays");
+                proxy_message::Kind::Nack(Nack {
+                    version,
+                    nonce,
+                    error: errors.to_string(),
+                })
+            }
+        };
+        tx.send(ProxyMessage { kind: Some(answer) })
+            .await
+            .map_err(|_| "stream closed".to_string())?;
+    }
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! The control plane with real proxies in pods: policy pushed over gRPC under load, `apply
+//! --wait`, NACKs, the control plane away and back, and a restart from its state dir.
+
+use std::time::{Duration, Instant};
+
+use trellis_tests::harness::{Mesh, Pod};
+
+const RETRY_503: &str = "apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: server}
+spec:
+  destination: {addresses: [\"SERVER:8080\"]}
+  retries: {maxRetries: MAX, on: [gateway-error]}
+";
+
+fn policy(server: &Pod, max_retries: u32) -> String {
+    RETRY_503
+        .replace("SERVER", &server.ip.to_string())
+        .replace("MAX", &max_retries.to_string())
+}
+
+/// A control plane, a server pod (HTTP app) and a client pod, both sidecars following it.
+fn setup(test: &str) -> Option<(Mesh, Pod, Pod, Pod, std::path::PathBuf)> {
+    let mesh = Mesh::new(test)?;
+    let control = mesh.pod("control");
+    let state = mesh.log_dir().join("control-state");
+    control.start_control_plane(&state);
+    let url = control.control_url();
+    let server = mesh.pod("server");
+    server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
+    server.start_sidecar(&[
+        "--control-plane",
+        &url,
+        "--workload",
+        "default/server",
+        "--service-account",
+        "server",
+    ]);
+    let client = mesh.pod("client");
+    client.start_sidecar(&[
+        "--control-plane",
+        &url,
+        "--workload",
+        "default/client",
+        "--service-account",
+        "client",
+    ]);
+    Some((mesh, control, server, client, state))
+}
+
+fn run_ok(out: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn config_version(pod: &Pod) -> String {
+    let config: serde_json::Value = serde_json::from_str(&pod.admin_get("/config").1).unwrap();
+    config["version"].as_str().unwrap_or("").to_string()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_policy_applied_under_load_takes_effect_with_zero_failed_requests() {
+    let Some((mesh, control, server, client, _state)) = setup("control_apply_under_load") else {
+        return;
+    };
+    assert_eq!(
+        client
+            .curl(&[&server.url(8080, "/flaky?fail=1&key=before")])
+            .status,
+        503,
+        "no retries on 503 yet"
+    );
+
+    let file = mesh.write_file("retry.yaml", &policy(&server, 2));
+    let (load, applied) = std::thread::scope(|scope| {
+        let load = scope.spawn(|| {
+            client.testapp(&[
+                "load",
+                "--url",
+                &server.url(8080, "/"),
+                "--requests",
+                "3000",
+                "--concurrency",
+                "4",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let applied = run_ok(control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]));
+        (load.join().unwrap(), applied)
+    });
+    assert_eq!(load["failed"], 0, "{load}");
+    assert!(
+        applied.contains("TrafficPolicy default/server"),
+        "{applied}"
+    );
+    assert!(
+        applied.contains("2 proxies converged on version 1"),
+        "{applied}"
+    );
+    assert_eq!(config_version(&client), "1");
+    assert_eq!(
+        client
+            .curl(&[&server.url(8080, "/flaky?fail=1&key=after")])
+            .status,
+        200,
+        "the retry policy is in force"
+    );
+}
+
+#[test]
+fn apply_wait_reports_each_proxys_acknowledgement() {
+    let Some(mesh) = Mesh::new("control_apply_wait") else {
+        return;
+    };
+    let control = mesh.pod("control");
+    control.start_control_plane(&mesh.log_dir().join("state"));
+    let pods: Vec<Pod> = (1..=3)
+        .map(|i| {
+            let pod = mesh.pod(&format!("web-{i}"));
+            pod.start_sidecar(&[
+                "--control-plane",
+                &control.control_url(),
+                "--workload",
+                &format!("default/web-{i}"),
+            ]);
+            pod
+        })
+        .collect();
+    let file = mesh.write_file("p.yaml", "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: all}\nspec: {timeout: 3s}\n");
+    let out = run_ok(control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]));
+    for i in 1..=3 {
+        assert!(
+            out.contains(&format!("acknowledged by default/web-{i}@")),
+            "{out}"
+        );
+    }
+    assert!(out.contains("3 proxies converged on version 1"), "{out}");
+    for pod in &pods {
+        assert_eq!(config_version(pod), "1");
+    }
+    let status = run_ok(control.control(&["status", "-o", "json"]));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let acked: Vec<_> = status["proxies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["ackedVersion"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(acked, ["1", "1", "1"]);
+    // Applying the same documents again changes nothing and waits for nobody.
+    let out = run_ok(control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]));
+    assert_eq!(out.trim(), "unchanged (version 1)");
+}
+
+#[test]
+fn traffic_keeps_its_policy_while_the_control_plane_is_away_and_everything_resyncs_after_a_restart()
+{
+    let Some((mesh, control, server, client, state)) = setup("control_away") else {
+        return;
+    };
+    let file = mesh.write_file("retry.yaml", &policy(&server, 2));
+    run_ok(control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]));
+
+    // The control plane dies for 30 s. Traffic flows with the last good policy.
+    control.kill_apps();
+    let down = Instant::now();
+    let load = client.testapp(&[
+        "load",
+        "--url",
+        &server.url(8080, "/"),
+        "--requests",
+        "1500",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(load["failed"], 0, "{load}");
+    assert_eq!(
+        client
+            .curl(&[&server.url(8080, "/flaky?fail=1&key=away")])
+            .status,
+        200,
+        "retries still in force"
+    );
+    assert_eq!(client.admin_get("/ready").0, 200);
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
+
+    // Back from the same state dir: policies and version restored, proxies resync on their own.
+    control.start_control_plane(&state);
+    let listed = run_ok(control.control(&["get", "TrafficPolicy", "-o", "yaml"]));
+    assert!(listed.contains("name: server"), "{listed}");
+    wait_for("both proxies to reconnect", Duration::from_secs(40), || {
+        let status: serde_json::Value =
+            serde_json::from_str(&run_ok(control.control(&["status", "-o", "json"]))).unwrap();
+        status["version"] == 1
+            && status["proxies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|p| p["connected"] == true && p["ackedVersion"] == "1")
+                .count()
+                == 2
+    });
+    // A new version reaches both: maxRetries 0, so a 503 is no longer hidden.
+    let file = mesh.write_file("retry.yaml", &policy(&server, 0));
+    let out = run_ok(control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]));
+    assert!(out.contains("2 proxies converged on version 2"), "{out}");
+    assert_eq!(
+        client
+            .curl(&[&server.url(8080, "/flaky?fail=1&key=back")])
+            .status,
+        503
+    );
+}
