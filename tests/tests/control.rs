@@ -163,6 +163,15 @@ fn apply_wait_reports_each_proxys_acknowledgement() {
         .map(|p| p["ackedVersion"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(acked, ["1", "1", "1"]);
+    // The control plane's own metrics saw the three proxies and their acknowledgements.
+    let metrics = run_ok(control.exec("curl", &["-s", "127.0.0.1:9990/metrics"]));
+    for line in [
+        "trellis_control_proxies_connected 3",
+        "trellis_control_snapshot_answers_total{result=\"ack\"} 6",
+        "trellis_control_convergence_seconds_count 3",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
     // Applying the same documents again changes nothing and waits for nobody.
     let out = run_ok(control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]));
     assert_eq!(out.trim(), "unchanged (version 1)");
@@ -226,4 +235,61 @@ fn traffic_keeps_its_policy_while_the_control_plane_is_away_and_everything_resyn
             .status,
         503
     );
+}
+
+#[test]
+fn a_full_disk_rejects_the_apply_and_keeps_the_state_in_force() {
+    let Some(mesh) = Mesh::new("control_disk_full") else {
+        return;
+    };
+    let control = mesh.pod("control");
+    // The control plane runs in a mount namespace of its own, on a 16 KiB tmpfs.
+    let state = mesh.log_dir().join("tiny-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=16k tmpfs {dir} && exec {bin} serve --grpc-addr 127.0.0.1:7443 --admin-addr 127.0.0.1:9990 --state-dir {dir}",
+        dir = state.display(),
+        bin = trellis_tests::harness::control_bin().display()
+    );
+    let mut cmd = control.netns().command("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+    let mut cp = trellis_tests::harness::Proc::spawn(
+        "control plane on tmpfs",
+        cmd,
+        &mesh.log_dir().join("cp.log"),
+    );
+    wait_for("the control plane", Duration::from_secs(10), || {
+        control.control(&["get"]).status.success()
+    });
+
+    let small = mesh.write_file("small.yaml", "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: small}\nspec: {timeout: 1s}\n");
+    run_ok(control.control(&["apply", "-f", &small.to_string_lossy()]));
+    // 200 policies do not fit in 16 KiB.
+    let big: String = (0..200)
+        .map(|i| format!("---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p{i}}}\nspec: {{destination: {{host: service-{i}}}, timeout: 2s}}\n"))
+        .collect();
+    let big = mesh.write_file("big.yaml", &big);
+    let out = control.control(&["apply", "-f", &big.to_string_lossy()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot write the state to") && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("the policy in force is unchanged"),
+        "{stderr}"
+    );
+    let listed = run_ok(control.control(&["get"]));
+    assert!(
+        listed.contains("small") && !listed.contains("p199") && listed.contains("version 1"),
+        "{listed}"
+    );
+    let metrics = run_ok(control.exec("curl", &["-s", "127.0.0.1:9990/metrics"]));
+    assert!(
+        metrics.contains("trellis_control_apply_errors_total{reason=\"storage\"} 1"),
+        "{metrics}"
+    );
+    cp.signal(libc::SIGTERM);
+    cp.wait_timeout(Duration::from_secs(5));
 }

@@ -17,6 +17,20 @@ fn main() -> ExitCode {
     println!("Trellis local mesh demo");
     println!("=======================\n");
     let mesh = Mesh::create();
+    // The control plane runs in a pod of its own; every sidecar follows it.
+    let control = mesh.pod("control");
+    control.start_control_plane(&mesh.log_dir().join("control-state"));
+    let url = control.control_url();
+    let sidecar = |pod: &Pod, sa: &str| {
+        pod.start_sidecar(&[
+            "--control-plane",
+            &url,
+            "--workload",
+            &format!("default/{}", pod.name),
+            "--service-account",
+            sa,
+        ]);
+    };
     let reviews = mesh.pod("reviews");
     reviews.spawn_app(&["http", "--listen", "0.0.0.0:9080", "--name", "reviews"]);
     reviews.spawn_app(&[
@@ -27,24 +41,15 @@ fn main() -> ExitCode {
         "reviews-grpc",
     ]);
     reviews.spawn_app(&["tcp-echo", "--listen", "[::]:7000"]);
-    reviews.start_sidecar(&[]);
+    sidecar(&reviews, "reviews");
     // A second "reviews" instance whose app is down: its sidecar answers connect-refused.
     let broken = mesh.pod("reviews-down");
-    broken.start_sidecar(&[]);
+    sidecar(&broken, "reviews");
     let productpage = mesh.pod("productpage");
-    let policy = format!(
-        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: reviews}}\nspec:\n  \
-         destination: {{host: reviews, port: 9080, endpoints: [\"{}\", \"{}\"]}}\n  \
-         retries: {{maxRetries: 2, on: [connect-failure, gateway-error]}}\n  \
-         ejection: {{consecutiveFailures: 2, baseTime: 10s}}\n",
-        reviews.addr(9080),
-        broken.addr(9080)
-    );
-    let policy_file = mesh.write_file("productpage-policy.yaml", &policy);
-    productpage.start_sidecar(&["--policy-file", &policy_file.to_string_lossy()]);
+    sidecar(&productpage, "productpage");
 
     println!(
-        "Three pods, each a network namespace on one bridge, each with `trellis-proxy init` rules"
+        "Three pods and a control plane, each a network namespace on one bridge; each pod has `trellis-proxy init` rules"
     );
     println!("and a sidecar (`trellis-proxy run`, UID 2102):\n");
     println!("  {:<12} {:<10} {:<8} apps", "pod", "IPv4", "IPv6");
@@ -59,6 +64,10 @@ fn main() -> ExitCode {
     println!(
         "  {:<12} {:<10} {:<8} a second reviews instance whose app is down (used in step 6)",
         broken.name, broken.ip, broken.ip6
+    );
+    println!(
+        "  {:<12} {:<10} {:<8} trellis-control serve on :7443 (no sidecar)",
+        control.name, control.ip, control.ip6
     );
     println!(
         "\nInterception rules in {} (nat table, IPv4; the same for IPv6):",
@@ -156,11 +165,28 @@ fn main() -> ExitCode {
         6,
         "A retry hides a failing instance",
         &format!(
-            "TrafficPolicy reviews: endpoints {} (up) and {} (app down), retries on connect-failure",
+            "TrafficPolicy reviews, pushed by the control plane: endpoints {} (up) and {} (app down)",
             reviews.addr(9080),
             broken.addr(9080)
         ),
     );
+    let policy = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: reviews}}\nspec:\n  \
+         destination: {{host: reviews, port: 9080, endpoints: [\"{}\", \"{}\"]}}\n  \
+         retries: {{maxRetries: 2, on: [connect-failure, gateway-error]}}\n  \
+         ejection: {{consecutiveFailures: 2, baseTime: 10s}}\n",
+        reviews.addr(9080),
+        broken.addr(9080)
+    );
+    let file = mesh.write_file("reviews-policy.yaml", &policy);
+    println!("   $ trellis-control apply --wait -f reviews-policy.yaml");
+    let out = control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]);
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stderr).lines())
+    {
+        println!("     {line}");
+    }
     let statuses: Vec<String> = (0..10)
         .map(|_| productpage.curl(&["-H", "Host: reviews:9080", &reviews.url(9080, "/")]))
         .map(|r| r.status.to_string())
@@ -197,6 +223,10 @@ fn main() -> ExitCode {
         config["version"].as_str().unwrap_or("?"),
         config["source"].as_str().unwrap_or("?")
     );
+    println!("   $ trellis-control status");
+    for line in String::from_utf8_lossy(&control.control(&["status"]).stdout).lines() {
+        println!("     {line}");
+    }
 
     println!("\nProxy metrics (GET 127.0.0.1:4191/metrics in each pod)\n");
     println!(
