@@ -293,3 +293,56 @@ fn a_full_disk_rejects_the_apply_and_keeps_the_state_in_force() {
     cp.signal(libc::SIGTERM);
     cp.wait_timeout(Duration::from_secs(5));
 }
+
+#[test]
+fn ready_waits_for_the_first_snapshot_then_gives_up_after_the_ready_timeout() {
+    let Some(mesh) = Mesh::new("control_ready") else {
+        return;
+    };
+    let control = mesh.pod("control");
+    let pod = mesh.pod("pod");
+    // The control plane is not running yet: readiness waits, and then gives up after 2 s.
+    let start = Instant::now();
+    pod.start_sidecar(&[
+        "--control-plane",
+        &control.control_url(),
+        "--ready-timeout",
+        "2s",
+        "--workload",
+        "default/pod",
+    ]);
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1900),
+        "ready after {waited:?}, before the first snapshot or the timeout"
+    );
+    let log = pod.proxy_log();
+    assert!(log.contains("ready without a policy snapshot"), "{log}");
+    assert!(
+        log.contains("control plane unreachable; keeping the policy in force"),
+        "{log}"
+    );
+
+    // A second proxy with a running control plane is ready as soon as its first snapshot is in force.
+    control.start_control_plane(&mesh.log_dir().join("state"));
+    let other = mesh.pod("other");
+    let start = Instant::now();
+    other.start_sidecar(&[
+        "--control-plane",
+        &control.control_url(),
+        "--workload",
+        "default/other",
+    ]);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(
+        other
+            .proxy_log()
+            .contains("ready: the first policy snapshot is in force")
+    );
+    // The first proxy finds the control plane by itself.
+    wait_for(
+        "the first proxy to subscribe",
+        Duration::from_secs(15),
+        || pod.proxy_log().contains("subscribed to the control plane"),
+    );
+}
