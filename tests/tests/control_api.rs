@@ -279,6 +279,43 @@ async fn simulated_proxy(
     }
 }
 
+/// A runtime with simulated proxies (`(workload, nack reason)`) subscribed to `cp`; the channel
+/// reports every snapshot they receive. Returns once each has received its first snapshot.
+fn simulated_proxies(
+    cp: &ControlPlane,
+    proxies: &[(&str, Option<&str>)],
+) -> (
+    tokio::runtime::Runtime,
+    mpsc::UnboundedReceiver<(String, String, Instant)>,
+) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(cp.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for (workload, nack) in proxies {
+            let nack = nack.map(str::to_string);
+            tokio::spawn(simulated_proxy(
+                channel.clone(),
+                workload.to_string(),
+                nack,
+                seen_tx.clone(),
+            ));
+        }
+        for _ in proxies {
+            seen.recv().await.unwrap();
+        }
+    });
+    (rt, seen)
+}
+
 #[test]
 fn five_hundred_proxy_streams_all_acknowledge_an_apply() {
     const PROXIES: usize = 500;
@@ -339,34 +376,13 @@ fn five_hundred_proxy_streams_all_acknowledge_an_apply() {
 #[test]
 fn a_nack_shows_in_status_and_fails_apply_wait() {
     let cp = ControlPlane::start("nack_status");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(cp.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        tokio::spawn(simulated_proxy(
-            channel.clone(),
-            "default/good".into(),
-            None,
-            seen_tx.clone(),
-        ));
-        tokio::spawn(simulated_proxy(
-            channel,
-            "default/old".into(),
-            Some("spec.retries.on[0]: unknown condition".into()),
-            seen_tx,
-        ));
-        for _ in 0..2 {
-            seen.recv().await.unwrap();
-        }
-    });
+    let (rt, _seen) = simulated_proxies(
+        &cp,
+        &[
+            ("default/good", None),
+            ("default/old", Some("spec.retries.on[0]: unknown condition")),
+        ],
+    );
     let file = std::env::temp_dir().join(format!("trellis-nack-{}.yaml", std::process::id()));
     std::fs::write(&file, "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec: {timeout: 2s}\n").unwrap();
     let out = cp.cli(&[
@@ -418,26 +434,7 @@ fn a_second_grpc_stack_applies_policy_that_proxies_receive() {
         return;
     }
     let cp = ControlPlane::start("python");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(cp.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        tokio::spawn(simulated_proxy(
-            channel,
-            "default/watcher".into(),
-            None,
-            seen_tx,
-        ));
-        seen.recv().await.unwrap(); // the initial, empty snapshot
-    });
+    let (rt, mut seen) = simulated_proxies(&cp, &[("default/watcher", None)]);
 
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let out_dir = std::env::temp_dir().join(format!("trellis-py-{}", std::process::id()));

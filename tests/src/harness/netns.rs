@@ -39,16 +39,9 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered this namespace: sockets it opens live here.
     pub fn enter<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a valid namespace fd only changes this thread's network namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread inside the namespace panicked")
+        self.spawn_thread(f)
+            .join()
+            .expect("thread inside the namespace panicked")
     }
 
     /// Starts a thread inside this namespace that runs `f` (e.g. a server) until it returns.
