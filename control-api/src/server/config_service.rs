@@ -70,7 +70,11 @@ impl ConfigService for ConfigServer {
         let n = self.streams.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}@{peer}#{n}", sub.workload);
         let held: Option<u64> = sub.version.parse().ok();
-        self.hub.lock_proxies().insert(
+        let mut proxies = self.hub.lock_proxies();
+        // Proxies gone for more than ten minutes leave `status` (pods churn; memory must not).
+        let cutoff = now_ms().saturating_sub(10 * 60 * 1000);
+        proxies.retain(|_, p| p.connected || p.last_seen_ms >= cutoff);
+        proxies.insert(
             id.clone(),
             ProxyRecord {
                 id: id.clone(),
@@ -90,6 +94,7 @@ impl ConfigService for ConfigServer {
                 connected: true,
             },
         );
+        drop(proxies);
         self.hub.metrics.proxy_connected(1);
         tracing::info!(%id, held = ?held, "proxy subscribed");
 
