@@ -476,3 +476,60 @@ fn a_second_grpc_stack_applies_policy_that_proxies_receive() {
         String::from_utf8_lossy(&listed.stdout)
     );
 }
+
+#[test]
+fn a_proxy_that_stops_reading_delays_no_other_proxy() {
+    let cp = ControlPlane::start("slow_proxy");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The stuck proxy: subscribes, then never reads its stream (HTTP/2 flow control fills up).
+        let channel = tonic::transport::Channel::from_shared(cp.url.clone()).unwrap().connect().await.unwrap();
+        let (stuck_tx, stuck_rx) = mpsc::channel(4);
+        let sub = Subscribe { workload: "default/stuck".into(), ..Default::default() };
+        stuck_tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Subscribe(sub)) }).await.unwrap();
+        let _stuck_stream = ConfigServiceClient::new(channel).stream(ReceiverStream::new(stuck_rx)).await.unwrap();
+
+        // Three healthy proxies on their own connection.
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let channel = tonic::transport::Channel::from_shared(cp.url.clone()).unwrap().connect().await.unwrap();
+        for i in 0..3 {
+            tokio::spawn(simulated_proxy(channel.clone(), format!("default/ok-{i}"), None, seen_tx.clone()));
+        }
+        for _ in 0..3 {
+            seen.recv().await.unwrap();
+        }
+        // 40 versions of a policy with 6000 endpoints (~90 KB per snapshot, 3.6 MB in all): far
+        // more than the stuck stream's flow-control window, so its sender really blocks.
+        let mut policy = PolicyServiceClient::connect(cp.url.clone()).await.unwrap();
+        let mut slowest_apply = Duration::ZERO;
+        for v in 1..=40u32 {
+            let endpoints: Vec<String> = (0..6000).map(|i| format!("\"10.{}.{}.{}:8080\"", v, i / 250, i % 250)).collect();
+            let yaml = format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: big}}\nspec: {{destination: {{host: big, endpoints: [{}]}}}}\n",
+                endpoints.join(", ")
+            );
+            let start = Instant::now();
+            policy.apply(ApplyRequest { yaml }).await.unwrap();
+            slowest_apply = slowest_apply.max(start.elapsed());
+        }
+        // Every healthy proxy reaches version 40 (it may skip versions: only the latest is sent).
+        let mut latest = std::collections::HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while latest.values().filter(|v: &&u64| **v == 40).count() < 3 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (workload, version, _) = tokio::time::timeout(left, seen.recv()).await.expect("healthy proxies stalled").unwrap();
+            latest.insert(workload, version.parse::<u64>().unwrap());
+        }
+        let status = policy.status(StatusRequest {}).await.unwrap().into_inner();
+        let stuck = status.proxies.iter().find(|p| p.workload == "default/stuck").unwrap();
+        eprintln!("slowest Apply: {slowest_apply:?}; stuck proxy was sent version {:?}, acked {:?}", stuck.sent_version, stuck.acked_version);
+        assert!(stuck.acked_version.is_empty(), "the stuck proxy never answered");
+        let stuck_sent: u64 = stuck.sent_version.parse().unwrap();
+        assert!(stuck_sent < 40, "the stuck stream was never blocked (sent {stuck_sent}): the test proves nothing");
+        assert!(slowest_apply < Duration::from_secs(5), "an Apply waited for a stuck proxy: {slowest_apply:?}");
+    });
+}

@@ -126,8 +126,8 @@ async fn serve_stream(
     let mut first = true;
     loop {
         // Send the current snapshot if it is new for this proxy.
-        let (mut snapshot, hash) = hub.snapshot_for(service_account);
-        let version: u64 = snapshot.version.parse().unwrap_or(0);
+        let (shared, hash) = hub.snapshot_for(service_account);
+        let version: u64 = shared.version.parse().unwrap_or(0);
         let (already_sent, acked) = {
             let proxies = hub.lock_proxies();
             let p = proxies.get(id);
@@ -139,6 +139,7 @@ async fn serve_stream(
         let up_to_date = first && held == Some(version) && acked == Some(version);
         if !already_sent && !up_to_date {
             nonce += 1;
+            let mut snapshot = Snapshot::clone(&shared);
             snapshot.nonce = nonce.to_string();
             if let Some(p) = hub.lock_proxies().get_mut(id) {
                 p.sent_version = Some(version);

@@ -47,8 +47,13 @@ pub struct Hub {
     /// When each recent version was committed, for convergence times.
     committed: Mutex<BTreeMap<u64, (Instant, u64)>>,
     proxies: Mutex<HashMap<String, ProxyRecord>>,
+    /// Snapshots by service account for the current version: proxies of one workload share one.
+    snapshots: Mutex<SnapshotCache>,
     pub metrics: Arc<Metrics>,
 }
+
+/// (version, service account → (snapshot, content hash)).
+type SnapshotCache = (u64, HashMap<String, (Arc<pb::Snapshot>, u64)>);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -66,6 +71,7 @@ impl Hub {
             changes,
             committed: Mutex::default(),
             proxies: Mutex::default(),
+            snapshots: Mutex::default(),
             metrics,
         })
     }
@@ -99,11 +105,16 @@ impl Hub {
         }
         next.version = state.version + 1;
         self.store.save(&next)?;
+        // One hash per service account, not per proxy: proxies of a workload share snapshots.
+        let mut hashes: HashMap<String, u64> = HashMap::new();
         let affected: Vec<String> = self
             .lock_proxies()
             .values()
             .filter(|p| {
-                p.connected && p.sent_hash != Some(snapshot_hash(&next, &p.service_account))
+                let hash = *hashes
+                    .entry(p.service_account.clone())
+                    .or_insert_with(|| snapshot_hash(&next, &p.service_account));
+                p.connected && p.sent_hash != Some(hash)
             })
             .map(|p| p.id.clone())
             .collect();
@@ -122,17 +133,28 @@ impl Hub {
         Ok((version, changed, affected, committed_at))
     }
 
-    /// The snapshot for a proxy of `service_account`, with its version and content hash.
-    pub fn snapshot_for(&self, service_account: &str) -> (pb::Snapshot, u64) {
+    /// The snapshot for a proxy of `service_account`, with its content hash. Built once per
+    /// version and service account, however many proxies share them.
+    pub fn snapshot_for(&self, service_account: &str) -> (Arc<pb::Snapshot>, u64) {
         let state = self.lock_state();
+        let mut cache = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != state.version {
+            *cache = (state.version, HashMap::new());
+        }
+        if let Some((snapshot, hash)) = cache.1.get(service_account) {
+            return (snapshot.clone(), *hash);
+        }
         let hash = snapshot_hash(&state, service_account);
         let set = filtered(&state, service_account);
-        let snapshot = pb::Snapshot {
+        let snapshot = Arc::new(pb::Snapshot {
             version: state.version.to_string(),
             nonce: String::new(),
             traffic: set.traffic.iter().map(wire::traffic_to_wire).collect(),
             server: set.server.iter().map(wire::server_to_wire).collect(),
-        };
+        });
+        cache
+            .1
+            .insert(service_account.to_string(), (snapshot.clone(), hash));
         (snapshot, hash)
     }
 
