@@ -178,6 +178,10 @@ impl Listener {
                         .as_ref()
                         .and_then(|r| r.policy.idle_timeout)
                         .or(self.config.idle_timeout);
+                    let route = route.map(|r| {
+                        let budget = self.policies.budget_for(&r, orig_dst);
+                        (r, budget)
+                    });
                     let target = TcpTarget {
                         orig_dst,
                         route,

@@ -15,14 +15,15 @@ use crate::cli::AccessLog;
 use crate::error::ProxyError;
 use crate::io::{Activity, BoxIo, Io};
 use crate::policy::routes::Route;
-use crate::retry::{self, Failure};
+use crate::retry::{self, Budget, Failure};
 use crate::transport::{Connector, Endpoint};
 
 /// Where an opaque connection goes and how long it may stay silent.
 pub struct TcpTarget {
     pub orig_dst: SocketAddr,
-    /// The outbound policy, if any (inbound connections go to the original destination).
-    pub route: Option<Arc<Route>>,
+    /// The outbound policy, if any (inbound connections go to the original destination), and
+    /// the retry budget that goes with it.
+    pub route: Option<(Arc<Route>, Arc<Budget>)>,
     pub idle_timeout: Option<Duration>,
 }
 
@@ -80,7 +81,7 @@ async fn connect(
     target: &TcpTarget,
     connector: &Connector,
 ) -> Result<(BoxIo, SocketAddr), (ProxyError, SocketAddr)> {
-    let Some(route) = &target.route else {
+    let Some((route, budget)) = &target.route else {
         let endpoint = Endpoint::plaintext(target.orig_dst);
         return match connector.connect(&endpoint, "opaque").await {
             Ok(io) => Ok((io, target.orig_dst)),
@@ -88,7 +89,7 @@ async fn connect(
         };
     };
     let retries = &route.policy.retries;
-    route.budget.record_request();
+    budget.record_request();
     let mut tried = Vec::new();
     let mut attempts = 0;
     loop {
@@ -129,7 +130,7 @@ async fn connect(
                 if !retry {
                     return Err((err, addr));
                 }
-                if !route.budget.try_withdraw() {
+                if !budget.try_withdraw() {
                     connector.metrics().retry_budget_exhausted(&route.name);
                     let err = ProxyError::RetryBudgetExhausted {
                         policy: route.name.clone(),

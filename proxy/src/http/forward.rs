@@ -173,7 +173,8 @@ impl Forwarder {
         // Only a policy's own idleTimeout needs a timer per response body; the proxy-wide idle
         // timeout is enforced once per connection (listener.rs), at no per-request cost.
         let idle_timeout = policy.idle_timeout;
-        route.budget.record_request();
+        let budget = self.policies.budget_for(&route, call.orig_dst);
+        budget.record_request();
 
         let declared_len = call
             .parts
@@ -276,7 +277,7 @@ impl Forwarder {
             if !retryable {
                 return done(result, attempts, addr);
             }
-            if !route.budget.try_withdraw() {
+            if !budget.try_withdraw() {
                 self.metrics.retry_budget_exhausted(&route.name);
                 let result = result.map_err(|last| ProxyError::RetryBudgetExhausted {
                     policy: route.name.clone(),

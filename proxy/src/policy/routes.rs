@@ -26,6 +26,9 @@ pub struct Route {
     pub budget: Arc<Budget>,
     /// Present when the policy lists endpoints.
     pub balancer: Option<Balancer>,
+    /// The built-in default: its retry budget is kept per original destination (see
+    /// `PolicyStore::budget_for`), so one failing destination cannot spend another's retries.
+    pub builtin: bool,
 }
 
 impl Route {
@@ -45,6 +48,7 @@ impl Route {
             },
             budget,
             balancer: None,
+            builtin: true,
         }
     }
 }
@@ -191,6 +195,7 @@ mod tests {
                     policy: p,
                     budget: Arc::default(),
                     balancer: None,
+                    builtin: false,
                 })
             })
             .collect();

@@ -2,6 +2,7 @@
 //! (retry budgets per policy, endpoint health).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -31,6 +32,8 @@ pub struct PolicyStore {
     service_account: Option<String>,
     endpoints: EndpointRegistry,
     budgets: Mutex<HashMap<String, (policy::Budget, Arc<Budget>)>>,
+    /// The built-in default route's budgets, one per original destination (bounded).
+    default_budgets: Mutex<HashMap<SocketAddr, Arc<Budget>>>,
     default_route: Arc<Route>,
 }
 
@@ -52,6 +55,7 @@ impl PolicyStore {
             service_account,
             endpoints: EndpointRegistry::default(),
             budgets: Mutex::default(),
+            default_budgets: Mutex::default(),
             default_route,
         })
     }
@@ -85,6 +89,7 @@ impl PolicyStore {
                     policy: p.clone(),
                     budget,
                     balancer,
+                    builtin: false,
                 })
             })
             .collect();
@@ -108,6 +113,24 @@ impl PolicyStore {
             inbound_opaque_ports,
         };
         self.tx.send_replace(Arc::new(snapshot));
+    }
+
+    /// The retry budget for a call on `route` to `dst`: the policy's own, or for the built-in
+    /// default one per destination, so that a failing destination spends only its own retries.
+    pub fn budget_for(&self, route: &Route, dst: SocketAddr) -> Arc<Budget> {
+        if !route.builtin {
+            return route.budget.clone();
+        }
+        const MAX_DESTINATIONS: usize = 10_000;
+        let mut budgets = self
+            .default_budgets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= MAX_DESTINATIONS && !budgets.contains_key(&dst) {
+            // Bounded memory: start over rather than grow (budgets refill within 10 s anyway).
+            budgets.clear();
+        }
+        budgets.entry(dst).or_default().clone()
     }
 
     /// What `/config` shows about policy: version, source, content, and endpoint health.
@@ -137,5 +160,51 @@ impl PolicyStore {
             "policy": s.set,
             "endpoints": endpoints,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_proto::policy::PolicySet;
+
+    #[test]
+    fn the_default_route_has_a_budget_per_destination_and_policies_share_theirs() {
+        let store = PolicyStore::new(
+            ClientScope {
+                namespace: "default".into(),
+                cluster_domain: "cluster.local".into(),
+            },
+            None,
+        );
+        let set = PolicySet::parse(
+            "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec: {destination: {host: web}}\n",
+        )
+        .unwrap();
+        store.apply(set, "v1".into(), "test".into());
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let s = store.current();
+        let default = s.routes.route(None, a, &store.scope).clone();
+        assert!(default.builtin);
+        // A failing destination spends its own budget only.
+        let budget_a = store.budget_for(&default, a);
+        let mut spent = 0;
+        while budget_a.try_withdraw() {
+            spent += 1;
+        }
+        assert_eq!(spent, 10, "one second of the 10/s reserve");
+        assert!(
+            store.budget_for(&default, b).try_withdraw(),
+            "another destination still has retries"
+        );
+        assert!(Arc::ptr_eq(&budget_a, &store.budget_for(&default, a)));
+        let web = s.routes.route(Some("web"), a, &store.scope).clone();
+        assert!(
+            Arc::ptr_eq(&store.budget_for(&web, a), &store.budget_for(&web, b)),
+            "a policy's budget is shared by its calls"
+        );
     }
 }
