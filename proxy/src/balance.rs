@@ -94,12 +94,6 @@ impl EndpointState {
         }
     }
 
-    pub fn is_ejected(&self) -> bool {
-        self.lock()
-            .ejected_until
-            .is_some_and(|t| t > Instant::now())
-    }
-
     /// (latency estimate, requests in flight, time left ejected) for `/config`.
     pub fn snapshot(&self) -> (Duration, u32, Option<Duration>) {
         let s = self.lock();
