@@ -54,7 +54,6 @@ struct Call {
     parts: http::request::Parts,
     version: HttpVersion,
     orig_dst: SocketAddr,
-    authority: String,
     grpc: bool,
     upgrade: bool,
 }
@@ -63,7 +62,8 @@ struct Call {
 struct Outcome {
     result: Result<Response<Incoming>, ProxyError>,
     attempts: u32,
-    policy: String,
+    /// The outbound route the call took (none inbound), for the access log.
+    route: Option<Arc<Route>>,
     endpoint: SocketAddr,
     deadline: Option<Instant>,
     idle_timeout: Option<Duration>,
@@ -104,7 +104,7 @@ impl Forwarder {
                 let outcome = Outcome {
                     result: Err(err),
                     attempts: 0,
-                    policy: String::new(),
+                    route: None,
                     endpoint: conn.client,
                     deadline: None,
                     idle_timeout: None,
@@ -134,13 +134,12 @@ impl Forwarder {
             parts,
             version,
             orig_dst,
-            authority: target.authority.clone(),
             grpc,
             upgrade,
         };
         let outcome = match self.direction {
             Direction::inbound => self.deliver(call, body).await,
-            Direction::outbound => self.call(call, body, start).await,
+            Direction::outbound => self.call(call, body, &target.authority, start).await,
         };
         self.respond(outcome, grpc, &method, &target, conn, start, client_upgrade)
     }
@@ -152,7 +151,7 @@ impl Forwarder {
         Outcome {
             result: self.pool.send(&endpoint, call.version, req).await,
             attempts: 1,
-            policy: String::new(),
+            route: None,
             endpoint: call.orig_dst,
             deadline: None,
             idle_timeout: None,
@@ -160,11 +159,11 @@ impl Forwarder {
     }
 
     /// Outbound: the matching policy's endpoints, timeouts and retries.
-    async fn call(&self, call: Call, body: BoxBody, start: Instant) -> Outcome {
+    async fn call(&self, call: Call, body: BoxBody, authority: &str, start: Instant) -> Outcome {
         let snapshot = self.policies.current();
         let route: Arc<Route> = snapshot
             .routes
-            .route(Some(&call.authority), call.orig_dst, &self.policies.scope)
+            .route(Some(authority), call.orig_dst, &self.policies.scope)
             .clone();
         drop(snapshot);
         let policy = &route.policy;
@@ -193,7 +192,7 @@ impl Forwarder {
         let done = |result, attempts, endpoint| Outcome {
             result,
             attempts,
-            policy: route.name.clone(),
+            route: Some(route.clone()),
             endpoint,
             deadline,
             idle_timeout,
@@ -334,7 +333,7 @@ impl Forwarder {
                         authority = %target.authority, path = %target.path,
                         status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
                         client = %conn.client, dst = %outcome.endpoint, attempts = outcome.attempts,
-                        policy = %outcome.policy, error = cause, reason = %err,
+                        policy = outcome.route.as_ref().map_or("", |r| r.name.as_str()), error = cause, reason = %err,
                         "request failed in the proxy"
                     );
                 }
@@ -363,7 +362,7 @@ impl Forwarder {
                 direction = self.direction.as_str(), protocol, method = %method,
                 authority = %target.authority, path = %target.path, status = status.as_u16(),
                 duration_ms = elapsed.as_secs_f64() * 1e3, client = %conn.client,
-                dst = %outcome.endpoint, attempts = outcome.attempts, policy = %outcome.policy,
+                dst = %outcome.endpoint, attempts = outcome.attempts, policy = outcome.route.as_ref().map_or("", |r| r.name.as_str()),
                 "request"
             );
         }
