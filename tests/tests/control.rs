@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use trellis_tests::harness::{Mesh, Pod};
+use trellis_tests::harness::{Mesh, Pod, wait_for};
 
 const RETRY_503: &str = "apiVersion: trellis.dev/v1alpha1
 kind: TrafficPolicy
@@ -61,17 +61,6 @@ fn run_ok(out: std::process::Output) -> String {
 fn config_version(pod: &Pod) -> String {
     let config: serde_json::Value = serde_json::from_str(&pod.admin_get("/config").1).unwrap();
     config["version"].as_str().unwrap_or("").to_string()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

@@ -1,9 +1,9 @@
 //! Policy files in the proxy: loading, matching, hot reload without dropping connections, and
 //! rejection of invalid versions with every error named while the policy in force stays.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use trellis_tests::harness::{Mesh, Pod};
+use trellis_tests::harness::{Mesh, Pod, wait_for};
 
 const GOOD: &str = "
 apiVersion: trellis.dev/v1alpha1
@@ -28,14 +28,6 @@ fn config(pod: &Pod) -> serde_json::Value {
     let (status, body) = pod.admin_get("/config");
     assert_eq!(status, 200);
     serde_json::from_str(&body).unwrap()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -102,12 +94,16 @@ fn a_policy_file_applies_by_host_reloads_live_and_invalid_versions_are_rejected(
 
         // An invalid version: rejected with every error named; the version in force stays.
         mesh.write_file("policy.yaml", BAD);
-        wait_for("the rejection to be counted", || {
-            client
-                .metrics()
-                .sum("trellis_policy_loads_total", &[("result", "rejected")])
-                == 1.0
-        });
+        wait_for(
+            "the rejection to be counted",
+            Duration::from_secs(10),
+            || {
+                client
+                    .metrics()
+                    .sum("trellis_policy_loads_total", &[("result", "rejected")])
+                    == 1.0
+            },
+        );
         let log = client.proxy_log();
         for expected in [
             "spec.timeout: \\\"fast\\\" is not a duration",
@@ -130,7 +126,7 @@ fn a_policy_file_applies_by_host_reloads_live_and_invalid_versions_are_rejected(
             "policy.yaml",
             &GOOD.replace("maxRetries: 2", "maxRetries: 0"),
         );
-        wait_for("the new version", || {
+        wait_for("the new version", Duration::from_secs(10), || {
             config(&client)["version"] != version.as_str()
         });
         let rsp = client.curl(&[
