@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "trellis/v1/policy.proto",
         "trellis/v1/config.proto",
         "trellis/v1/policy_service.proto",
+        "trellis/v1/identity.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -27,6 +27,12 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CertifyLabels {
+    result: &'static str,
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     connected: Gauge,
@@ -34,6 +40,8 @@ pub struct Metrics {
     answers: Family<ResultLabels, Counter>,
     convergence: Histogram,
     apply_errors: Family<ReasonLabels, Counter>,
+    certify: Family<CertifyLabels, Counter>,
+    unauthorized: Family<ReasonLabels, Counter>,
     pub ready: AtomicBool,
 }
 
@@ -70,8 +78,22 @@ impl Default for Metrics {
             "Rejected Apply/Delete calls: invalid or storage",
             apply_errors.clone(),
         );
+        let certify = Family::<CertifyLabels, Counter>::default();
+        registry.register(
+            "certificates",
+            "Certify calls: result issued (reason: how the caller proved its identity) or rejected (why)",
+            certify.clone(),
+        );
+        let unauthorized = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "unauthorized_calls",
+            "Calls refused for want of the admin credential, by service",
+            unauthorized.clone(),
+        );
         Self {
             registry,
+            certify,
+            unauthorized,
             connected,
             pushes,
             answers,
@@ -101,6 +123,16 @@ impl Metrics {
     }
     pub fn apply_error(&self, reason: &'static str) {
         self.apply_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+    pub fn certify(&self, result: &'static str, reason: &'static str) {
+        self.certify
+            .get_or_create(&CertifyLabels { result, reason })
+            .inc();
+    }
+    pub fn unauthorized(&self, reason: &'static str) {
+        self.unauthorized
             .get_or_create(&ReasonLabels { reason })
             .inc();
     }

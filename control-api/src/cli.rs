@@ -4,32 +4,140 @@
 //! `trellis-control serve` is running; a rejected document lists every field at fault.
 
 use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use trellis_proto::pb::policy_service_client::PolicyServiceClient;
-use trellis_proto::pb::{ApplyRequest, ListRequest, StatusRequest};
+use trellis_proto::pb::token_service_client::TokenServiceClient;
+use trellis_proto::pb::{ApplyRequest, CreateTokenRequest, ListRequest, StatusRequest};
 
-pub type Client = PolicyServiceClient<Channel>;
+pub type Client = PolicyServiceClient<InterceptedService<Channel, Auth>>;
 
-/// Connects to the control plane at `server`.
-pub async fn connect(server: &str) -> Result<Client, String> {
-    let endpoint = Channel::from_shared(server.to_string())
-        .map_err(|e| format!("{server:?} is not a URL (e.g. http://127.0.0.1:7443): {e}"))?
-        .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.map_err(|e| {
-        // The innermost cause is the useful one ("Connection refused (os error 111)").
-        let mut cause = e.to_string();
-        let mut next = std::error::Error::source(&e);
-        while let Some(s) = next {
-            cause = s.to_string();
-            next = s.source();
+/// Where the control plane is and how the CLI proves it is an admin. By default the
+/// credential the control plane wrote into its state dir on this host.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Target {
+    /// The control plane's gRPC address (TLS).
+    #[arg(long, env = "TRELLIS_SERVER", default_value = "https://127.0.0.1:7443")]
+    pub server: String,
+    /// The control plane's state dir, where the default credential is read from
+    /// (ca.pem, admin-cert.pem, admin-key.pem).
+    #[arg(long, env = "TRELLIS_STATE_DIR", default_value = "/var/lib/trellis")]
+    pub state_dir: PathBuf,
+    /// The mesh CA (PEM) to verify the control plane with [default: STATE_DIR/ca.pem].
+    #[arg(long, env = "TRELLIS_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Admin client certificate [default: STATE_DIR/admin-cert.pem].
+    #[arg(long, env = "TRELLIS_ADMIN_CERT")]
+    pub admin_cert: Option<PathBuf>,
+    /// Admin client key [default: STATE_DIR/admin-key.pem].
+    #[arg(long, env = "TRELLIS_ADMIN_KEY")]
+    pub admin_key: Option<PathBuf>,
+    /// A file holding the admin token, sent instead of the admin certificate.
+    #[arg(long, env = "TRELLIS_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Adds the admin token, when the CLI authenticates with one.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
         }
+        Ok(req)
+    }
+}
+
+/// A TLS channel to the control plane, with the admin credential attached.
+async fn channel(target: &Target) -> Result<(Channel, Auth), String> {
+    let dir = &target.state_dir;
+    let ca_file = target.ca_file.clone().unwrap_or_else(|| dir.join("ca.pem"));
+    let ca = std::fs::read(&ca_file).map_err(|e| {
         format!(
-            "cannot reach control plane at {server}: {cause} — is `trellis-control serve` running?"
+            "cannot read the mesh CA {}: {e} — run on the control plane's host, or pass --state-dir / --ca-file",
+            ca_file.display()
         )
     })?;
-    Ok(PolicyServiceClient::new(channel))
+    let roots = Arc::new(
+        trellis_identity::tls::roots_from_pem(&ca)
+            .map_err(|e| format!("{}: {e}", ca_file.display()))?,
+    );
+    let token = match &target.admin_token_file {
+        Some(path) => {
+            let t = std::fs::read_to_string(path)
+                .map_err(|e| format!("--admin-token-file {}: {e}", path.display()))?;
+            Some(
+                MetadataValue::try_from(format!("Bearer {}", t.trim()))
+                    .map_err(|_| format!("--admin-token-file {}: not a token", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let cert = target
+        .admin_cert
+        .clone()
+        .unwrap_or_else(|| dir.join("admin-cert.pem"));
+    let key = target
+        .admin_key
+        .clone()
+        .unwrap_or_else(|| dir.join("admin-key.pem"));
+    let client_auth = if token.is_some() && target.admin_cert.is_none() {
+        None
+    } else {
+        match (std::fs::read(&cert), std::fs::read(&key)) {
+            (Ok(c), Ok(k)) => {
+                let creds = trellis_identity::tls::Credentials::from_pem(&c, &k, &ca)
+                    .map_err(|e| format!("admin credential {}: {e}", cert.display()))?;
+                Some(creds)
+            }
+            // No credential here: calls will be refused with the reason, by the server.
+            (Err(e), _) if target.admin_cert.is_some() => {
+                return Err(format!("--admin-cert {}: {e}", cert.display()));
+            }
+            _ => None,
+        }
+    };
+    let config = match &client_auth {
+        Some(creds) => creds.client_config(&[b"h2"]),
+        None => trellis_identity::tls::client_config(roots, None, &[b"h2"]),
+    }
+    .map_err(|e| format!("TLS configuration: {e}"))?;
+    let channel = crate::tls::channel(&target.server, config).await?;
+    Ok((channel, Auth(token)))
+}
+
+/// Connects to the control plane's PolicyService.
+pub async fn connect(target: &Target) -> Result<Client, String> {
+    let (channel, auth) = channel(target).await?;
+    Ok(PolicyServiceClient::with_interceptor(channel, auth))
+}
+
+/// `token create`: a join token for `identity`, printed once.
+pub async fn create_token(target: &Target, identity: &str, ttl: Duration) -> Result<(), String> {
+    let (channel, auth) = channel(target).await?;
+    let mut client = TokenServiceClient::with_interceptor(channel, auth);
+    let rsp = client
+        .create(CreateTokenRequest {
+            identity: identity.to_string(),
+            ttl_seconds: ttl.as_secs(),
+        })
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    println!("{}", rsp.token);
+    eprintln!(
+        "join token for {} (valid {}); it is shown only once — give it to the proxy as --identity-token-file",
+        rsp.identity,
+        humantime::format_duration(ttl)
+    );
+    Ok(())
 }
 
 /// Reads `-f FILE` (or standard input for `-`).

@@ -8,5 +8,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod identity;
 pub mod server;
 pub mod store;
+pub mod tls;

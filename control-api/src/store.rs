@@ -137,29 +137,39 @@ impl Store {
         let traffic: Vec<_> = set.traffic.iter().map(wire::traffic_to_wire).collect();
         let server: Vec<_> = set.server.iter().map(wire::server_to_wire).collect();
         let body = serde_json::json!({"version": state.version, "policies": wire::to_yaml(&traffic, &server)});
-        let tmp = self.path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(
-                serde_json::to_string_pretty(&body)
-                    .unwrap_or_default()
-                    .as_bytes(),
-            )?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|source| {
-            let _ = std::fs::remove_file(&tmp);
-            StoreError::Write {
-                path: self.path.clone(),
-                source,
-            }
+        let text = serde_json::to_string_pretty(&body).unwrap_or_default();
+        write_atomic(&self.path, text.as_bytes(), 0o644).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
         })
     }
+}
+
+/// Writes `path` durably: a temporary file with `mode`, fsynced, renamed over `path`, and the
+/// directory fsynced. On error the previous file is intact.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = PathBuf::from(tmp_name);
+    let write = || -> std::io::Result<()> {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
 
 #[cfg(test)]

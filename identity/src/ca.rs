@@ -58,7 +58,10 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Trellis");
-        dn.push(DnType::CommonName, format!("Trellis mesh root CA ({trust_domain})"));
+        dn.push(
+            DnType::CommonName,
+            format!("Trellis mesh root CA ({trust_domain})"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
@@ -80,9 +83,10 @@ impl Ca {
     /// Loads a CA from PEM: `cert_pem` holds the signing certificate first and optionally its
     /// parents up to the root; `key_pem` the signing key (PKCS#8, SEC1 or PKCS#1).
     pub fn load(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Self, CaError> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| CaError::BadCaCert(format!("not PEM certificates: {e}")))?;
+        let certs: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| CaError::BadCaCert(format!("not PEM certificates: {e}")))?;
         let first = certs
             .first()
             .ok_or_else(|| CaError::BadCaCert("no certificate found".into()))?;
@@ -104,8 +108,8 @@ impl Ca {
                 "it does not belong to the CA certificate".into(),
             ));
         }
-        let issuer = Issuer::from_ca_cert_der(first, key)
-            .map_err(|e| CaError::BadCaCert(e.to_string()))?;
+        let issuer =
+            Issuer::from_ca_cert_der(first, key).map_err(|e| CaError::BadCaCert(e.to_string()))?;
         let pem = |c: &CertificateDer<'_>| pem_encode("CERTIFICATE", c);
         let ca_chain_pem = certs.iter().map(pem).collect::<String>();
         let bundle_pem = pem(certs.last().expect("non-empty"));
@@ -212,6 +216,24 @@ impl Ca {
     }
 }
 
+/// A fresh key (ECDSA P-256, never written anywhere) and a CSR for `id`, both PEM: what a
+/// proxy sends to `Certify`.
+pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = id
+        .to_string()
+        .try_into()
+        .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let csr = params
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    Ok((key.serialize_pem(), csr))
+}
+
 fn to_system(t: OffsetDateTime) -> SystemTime {
     SystemTime::from(t)
 }
@@ -243,7 +265,11 @@ fn base64(data: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -269,7 +295,9 @@ mod tests {
         let key = KeyPair::generate().unwrap();
         let mut req = CertificateParams::default();
         req.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/kube-system/sa/admin".try_into().unwrap(),
+            "spiffe://cluster.local/ns/kube-system/sa/admin"
+                .try_into()
+                .unwrap(),
         )];
         let csr = req.serialize_request(&key).unwrap().pem().unwrap();
         let issued = ca.sign_csr(&csr, &id, Duration::from_secs(3600)).unwrap();

@@ -4,6 +4,7 @@
 //!   patterns of ServerPolicies;
 //! - [`ca`]: the mesh certificate authority the control plane runs (generated or operator-supplied),
 //!   which signs CSRs for an identity established elsewhere (never from the CSR itself);
+//! - [`grpc`]: tonic channels to the control plane over TLS, checking its SPIFFE ID;
 //! - [`tls`]: credentials (a certificate chain, its key, the trust anchors) and the rustls
 //!   configurations built from them: TLS 1.3 only, chains verified against the mesh trust
 //!   anchors, and the peer's SPIFFE ID read from its certificate's URI SAN.
@@ -12,6 +13,7 @@
 //! the process default so no other crate can bring a second one into play.
 
 pub mod ca;
+pub mod grpc;
 pub mod spiffe;
 pub mod tls;
 

@@ -13,7 +13,9 @@ pub struct SpiffeId {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{id:?} is not a workload SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>): {reason}")]
+#[error(
+    "{id:?} is not a workload SPIFFE ID (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>): {reason}"
+)]
 pub struct ParseError {
     pub id: String,
     pub reason: &'static str,
@@ -66,11 +68,11 @@ impl FromStr for SpiffeId {
         let rest = id
             .strip_prefix("spiffe://")
             .ok_or_else(|| err("it must start with spiffe://"))?;
-        let (td, path) = rest
-            .split_once('/')
-            .ok_or_else(|| err("it has no path"))?;
+        let (td, path) = rest.split_once('/').ok_or_else(|| err("it has no path"))?;
         if !valid_segment(td) {
-            return Err(err("the trust domain must be lowercase letters, digits, '-', '.', '_'"));
+            return Err(err(
+                "the trust domain must be lowercase letters, digits, '-', '.', '_'",
+            ));
         }
         let parts: Vec<&str> = path.split('/').collect();
         match parts.as_slice() {

@@ -100,7 +100,9 @@ pub fn expect_identity(
     certs: Option<&[CertificateDer<'_>]>,
     expected: &str,
 ) -> Result<SpiffeId, IdentityError> {
-    let certs = certs.filter(|c| !c.is_empty()).ok_or(IdentityError::NoCertificate)?;
+    let certs = certs
+        .filter(|c| !c.is_empty())
+        .ok_or(IdentityError::NoCertificate)?;
     let id = peer_identity(certs).ok_or(IdentityError::NoIdentity)?;
     if id.to_string() != expected {
         return Err(IdentityError::Mismatch {
@@ -157,7 +159,8 @@ impl Credentials {
             .map_err(|e| format!("certificate: not PEM: {e}"))?;
         let leaf = chain.first().ok_or("certificate: no certificate found")?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
-        let roots = Arc::new(roots_from_pem(anchors_pem).map_err(|e| format!("trust anchors: {e}"))?);
+        let roots =
+            Arc::new(roots_from_pem(anchors_pem).map_err(|e| format!("trust anchors: {e}"))?);
         let info = CertInfo::parse(leaf).map_err(|e| format!("certificate: {e}"))?;
         let identity = peer_identity(&chain).ok_or_else(|| {
             format!(
@@ -192,10 +195,25 @@ impl Credentials {
         })
     }
 
+    /// The chain and signing key, for a rustls certificate resolver.
+    pub fn certified_key(&self) -> Result<Arc<rustls::sign::CertifiedKey>, rustls::Error> {
+        let signer = provider()
+            .key_provider
+            .load_private_key(self.key.clone_key())?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(
+            self.chain.clone(),
+            signer,
+        )))
+    }
+
     /// A client configuration presenting these credentials and verifying servers against the
     /// trust anchors (identity checked by the caller, see [`expect_identity`]).
     pub fn client_config(&self, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, rustls::Error> {
-        client_config(self.roots.clone(), Some((self.chain.clone(), self.key.clone_key())), alpn)
+        client_config(
+            self.roots.clone(),
+            Some((self.chain.clone(), self.key.clone_key())),
+            alpn,
+        )
     }
 
     /// A server configuration presenting these credentials and requiring a client certificate

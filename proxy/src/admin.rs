@@ -1,4 +1,5 @@
-//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown`.
+//! The admin server: `/live`, `/ready`, `/metrics`, `/config`, `POST /shutdown`, and the app's
+//! probes (`/probe/...`, see `probe.rs`).
 //!
 //! It runs on its own thread and single-threaded runtime, apart from the data path, so that a
 //! scrape storm or a slow admin client cannot delay proxied requests (and a busy data path
@@ -83,9 +84,17 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) -> std::io
                         let shutdown_requested = Arc::new(AtomicBool::new(false));
                         let svc = {
                             let (state, requested) = (state.clone(), shutdown_requested.clone());
-                            hyper::service::service_fn(move |req| {
-                                let rsp = route(&state, peer, req, &requested);
-                                async move { Ok::<_, Infallible>(rsp) }
+                            hyper::service::service_fn(move |req: Request<Incoming>| {
+                                let probe = crate::probe::is_probe(req.uri().path())
+                                    && req.method() == Method::GET;
+                                let rsp = (!probe)
+                                    .then(|| route(&state, peer, req_ref(&req), &requested));
+                                async move {
+                                    match rsp {
+                                        Some(rsp) => Ok::<_, Infallible>(rsp),
+                                        None => Ok(crate::probe::handle(req).await),
+                                    }
+                                }
                             })
                         };
                         let _ = hyper::server::conn::http1::Builder::new()
@@ -104,15 +113,28 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) -> std::io
     Ok(())
 }
 
+/// The parts of a request the synchronous endpoints look at.
+struct ReqRef {
+    method: Method,
+    path: String,
+}
+
+fn req_ref(req: &Request<Incoming>) -> ReqRef {
+    ReqRef {
+        method: req.method().clone(),
+        path: req.uri().path().to_string(),
+    }
+}
+
 fn route(
     state: &AdminState,
     peer: SocketAddr,
-    req: Request<Incoming>,
+    req: ReqRef,
     shutdown_requested: &AtomicBool,
 ) -> Response<Full<Bytes>> {
     let loopback = peer.ip().is_loopback()
         || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
-    match (req.method(), req.uri().path()) {
+    match (&req.method, req.path.as_str()) {
         (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET | &Method::HEAD, "/ready") => {
             if state.ready.load(Ordering::Acquire) {
@@ -159,7 +181,7 @@ fn route(
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics, /config or POST /shutdown\n",
+            "not found: try /live, /ready, /metrics, /config, POST /shutdown, /probe/http/<port>/<path> or /probe/tcp/<port>\n",
         ),
     }
 }

@@ -105,10 +105,40 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_POLICY_FILE")]
     pub policy_file: Option<std::path::PathBuf>,
 
-    /// The control plane's gRPC URL (e.g. http://trellis-control.trellis:7443): policy arrives
-    /// from there, with ACK/NACK. Exclusive with --policy-file.
-    #[arg(long, env = "TRELLIS_CONTROL_PLANE", conflicts_with = "policy_file")]
+    /// The control plane's gRPC URL (TLS only, e.g. https://trellis-control.trellis-system:7443):
+    /// policy arrives from there, with ACK/NACK, and certificates when
+    /// --identity-token-file is set. Exclusive with --policy-file.
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE", conflicts_with = "policy_file", value_parser = parse_control_plane)]
     pub control_plane: Option<String>,
+
+    /// The mesh trust anchors (PEM) that verify the control plane (and, until the first
+    /// certificate arrives, nothing else). Required with --control-plane.
+    #[arg(long, env = "TRELLIS_TRUST_ANCHORS")]
+    pub trust_anchors: Option<std::path::PathBuf>,
+
+    /// The control plane's SPIFFE ID: a proxy talks (and sends its token) to nobody else.
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_PLANE_IDENTITY",
+        default_value = "spiffe://cluster.local/ns/trellis-system/sa/trellis-control"
+    )]
+    pub control_plane_identity: String,
+
+    /// A token proving who this proxy is when it asks the control plane for a certificate: the
+    /// projected service-account token (audience trellis) in Kubernetes, a join token elsewhere.
+    /// Re-read on every request. Needs --control-plane, --workload and --service-account.
+    #[arg(
+        long,
+        env = "TRELLIS_IDENTITY_TOKEN_FILE",
+        requires = "control_plane",
+        conflicts_with = "identity_dir"
+    )]
+    pub identity_token_file: Option<std::path::PathBuf>,
+
+    /// A directory with cert.pem, key.pem and ca.pem (cert-manager, SPIRE), reloaded when they
+    /// change, instead of certificates from the control plane.
+    #[arg(long, env = "TRELLIS_IDENTITY_DIR")]
+    pub identity_dir: Option<std::path::PathBuf>,
 
     /// With --control-plane: how long /ready waits for the first snapshot before the proxy
     /// becomes ready with the built-in default policy (0: wait for ever).
@@ -444,5 +474,16 @@ mod tests {
         );
         let err = Cli::try_parse_from(["trellis-proxy", "--workload", "nope"]).unwrap_err();
         assert!(err.to_string().contains("NAMESPACE/NAME"));
+    }
+}
+
+fn parse_control_plane(s: &str) -> Result<String, String> {
+    match s.split_once("://") {
+        Some(("https", rest)) if !rest.is_empty() => Ok(s.to_string()),
+        Some(("http", _)) => Err(
+            "the control plane speaks TLS only (a token is never sent over plaintext): use https://HOST:PORT"
+                .into(),
+        ),
+        _ => Err("expected https://HOST:PORT".into()),
     }
 }

@@ -57,6 +57,15 @@ pub enum ProxyError {
 
     #[error("all {endpoints} endpoints of policy {policy} are ejected after consecutive failures")]
     NoHealthyEndpoints { policy: String, endpoints: usize },
+
+    #[error("mutual TLS with {addr} failed: {reason}")]
+    TlsHandshake { addr: SocketAddr, reason: String },
+
+    #[error("{addr} is not the expected server: {reason}")]
+    TlsIdentityMismatch { addr: SocketAddr, reason: String },
+
+    #[error("{reason}")]
+    Unauthorized { reason: String },
 }
 
 impl ProxyError {
@@ -73,6 +82,9 @@ impl ProxyError {
             Self::PerTryTimeout { .. } => "per-try-timeout",
             Self::RetryBudgetExhausted { .. } => "retry-budget-exhausted",
             Self::NoHealthyEndpoints { .. } => "no-healthy-endpoints",
+            Self::TlsHandshake { .. } => "tls-handshake",
+            Self::TlsIdentityMismatch { .. } => "tls-identity-mismatch",
+            Self::Unauthorized { .. } => "unauthorized",
         }
     }
 
@@ -105,7 +117,10 @@ impl ProxyError {
             Self::RetryBudgetExhausted { last, .. } => last.status(),
             Self::ConnectUnreachable { .. }
             | Self::NoOriginalDestination { .. }
-            | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
+            | Self::UpstreamReset { .. }
+            | Self::TlsHandshake { .. }
+            | Self::TlsIdentityMismatch { .. } => StatusCode::BAD_GATEWAY,
+            Self::Unauthorized { .. } => StatusCode::FORBIDDEN,
         }
     }
 

@@ -14,13 +14,16 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use trellis_proto::policy::Protocol as DeclaredProtocol;
+use trellis_identity::tls::{ALPN_H1, ALPN_H2, peer_identity};
+use trellis_proto::policy::{Protocol as DeclaredProtocol, ServerPolicy};
 
 use crate::cli::{AccessLog, PortList};
 use crate::detect::{self, Detected, Protocol};
 use crate::drain;
 use crate::error::ProxyError;
 use crate::http::{self, ConnInfo, Forwarder};
+use crate::identity::Identity;
+use crate::inbound;
 use crate::io::{Activity, CountingIo, PrefixedIo};
 use crate::metrics::{Direction, Metrics};
 use crate::orig_dst;
@@ -43,6 +46,7 @@ pub struct ListenerConfig {
 
 pub struct Listener {
     config: ListenerConfig,
+    identity: Identity,
     pool: Arc<Pool>,
     http: Arc<Forwarder>,
     metrics: Arc<Metrics>,
@@ -56,6 +60,7 @@ impl Listener {
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
         policies: Arc<PolicyStore>,
+        identity: Identity,
     ) -> Arc<Self> {
         let http = Arc::new(Forwarder::new(
             config.direction,
@@ -67,6 +72,7 @@ impl Listener {
         let limit = Arc::new(Semaphore::new(config.max_connections));
         Arc::new(Self {
             config,
+            identity,
             pool,
             http,
             metrics,
@@ -143,13 +149,22 @@ impl Listener {
                 .as_ref()
                 .is_some_and(|r| r.policy.protocol == DeclaredProtocol::Opaque),
         };
+        let server_policy = match (direction, &orig_dst) {
+            (Direction::inbound, Ok(dst)) => {
+                inbound::policy_for(&snapshot.inbound_servers, dst.port()).cloned()
+            }
+            _ => None,
+        };
         drop(snapshot);
 
         let mut buf = BytesMut::new();
         let opaque_port = orig_dst
             .as_ref()
             .is_ok_and(|d| self.config.opaque_ports.contains(d.port()));
-        let protocol = if opaque_port || declared_opaque {
+        // Inbound, a proxy with an identity looks for a mesh ClientHello even on opaque ports
+        // (the peer proxy always speaks first).
+        let mesh_tls = direction == Direction::inbound && self.identity.current().is_some();
+        let protocol = if (opaque_port || declared_opaque) && !mesh_tls {
             Protocol::Opaque
         } else {
             match detect::detect(&mut io, &mut buf, self.config.detect_timeout).await {
@@ -168,8 +183,46 @@ impl Listener {
                 }
             }
         };
+        if mesh_tls {
+            match inbound::is_mesh_hello(&mut io, &mut buf, self.config.detect_timeout).await {
+                Ok(true) => {
+                    self.metrics.detected(&mut conn_metrics, "mesh-tls");
+                    let io = PrefixedIo::new(buf.freeze(), io);
+                    self.serve_mesh(
+                        io,
+                        client,
+                        orig_dst,
+                        server_policy.as_ref(),
+                        activity,
+                        drain,
+                    )
+                    .await;
+                    drop(conn_metrics);
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(%client, error = %e, "connection failed while reading a ClientHello");
+                    return;
+                }
+            }
+        }
+        let protocol = if opaque_port || declared_opaque {
+            Protocol::Opaque
+        } else {
+            protocol
+        };
         self.metrics.detected(&mut conn_metrics, protocol.as_str());
         let io = PrefixedIo::new(buf.freeze(), io);
+        // Plaintext into a server whose policy requires mutual TLS (or lists identities).
+        let denied = inbound::authorize(server_policy.as_ref(), None).err();
+        if let Some(reason) = &denied {
+            self.metrics.error(direction, "unauthorized");
+            tracing::warn!(direction = direction.as_str(), %client, dst = ?orig_dst, error = "unauthorized", %reason, "plaintext connection refused");
+            if protocol == Protocol::Opaque {
+                return;
+            }
+        }
 
         match protocol {
             Protocol::Opaque => match orig_dst {
@@ -204,11 +257,8 @@ impl Listener {
                 }
             },
             Protocol::Http1 | Protocol::Http2 => {
-                let info = ConnInfo {
-                    client,
-                    orig_dst,
-                    protocol,
-                };
+                let mut info = ConnInfo::plain(client, orig_dst, protocol);
+                info.denied = denied;
                 tokio::select! {
                     _ = http::serve(io, self.http.clone(), info, drain) => {}
                     _ = activity.expired(self.config.idle_timeout) => {
@@ -218,6 +268,88 @@ impl Listener {
             }
         }
         drop(conn_metrics);
+    }
+
+    /// A connection from a peer proxy: the TLS handshake (client certificate required), the
+    /// server policy's verdict on the peer, then HTTP or opaque TCP as the ALPN says.
+    async fn serve_mesh(
+        &self,
+        io: PrefixedIo<CountingIo<TcpStream>>,
+        client: SocketAddr,
+        orig_dst: Result<SocketAddr, String>,
+        policy: Option<&ServerPolicy>,
+        activity: Activity,
+        drain: drain::Watch,
+    ) {
+        let direction = self.config.direction;
+        let Some(tls) = self.identity.current() else {
+            return;
+        };
+        let accept = tokio_rustls::TlsAcceptor::from(tls.server.clone()).accept(io);
+        let stream = match tokio::time::timeout(Duration::from_secs(10), accept).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                self.metrics.handshake(direction, "error");
+                tracing::warn!(direction = direction.as_str(), %client, error = "tls-handshake", reason = %e, "mesh TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                self.metrics.handshake(direction, "timeout");
+                tracing::warn!(direction = direction.as_str(), %client, error = "tls-handshake", "mesh TLS handshake timed out");
+                return;
+            }
+        };
+        self.metrics.handshake(direction, "ok");
+        let (_, conn) = stream.get_ref();
+        let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
+        let Some(peer) = conn.peer_certificates().and_then(peer_identity) else {
+            self.metrics.error(direction, "unauthorized");
+            tracing::warn!(%client, error = "unauthorized", "mesh peer certificate has no workload SPIFFE ID; closing");
+            return;
+        };
+        let denied = inbound::authorize(policy, Some(&peer)).err();
+        if let Some(reason) = &denied {
+            self.metrics.error(direction, "unauthorized");
+            tracing::warn!(%client, peer = %peer, dst = ?orig_dst, error = "unauthorized", %reason, "mesh peer refused");
+        }
+        let protocol = match alpn.as_deref() {
+            Some(ALPN_H2) => Protocol::Http2,
+            Some(ALPN_H1) => Protocol::Http1,
+            _ => Protocol::Opaque,
+        };
+        match protocol {
+            Protocol::Opaque => {
+                if denied.is_some() {
+                    return;
+                }
+                let Ok(orig_dst) = orig_dst else { return };
+                let target = TcpTarget {
+                    orig_dst,
+                    route: None,
+                    idle_timeout: self.config.idle_timeout,
+                };
+                tcp::forward(
+                    stream,
+                    client,
+                    target,
+                    activity,
+                    self.pool.connector(),
+                    self.config.access_log,
+                )
+                .await;
+            }
+            Protocol::Http1 | Protocol::Http2 => {
+                let mut info = ConnInfo::plain(client, orig_dst, protocol);
+                info.peer = Some(Arc::from(peer.to_string()));
+                info.denied = denied;
+                tokio::select! {
+                    _ = http::serve(stream, self.http.clone(), info, drain) => {}
+                    _ = activity.expired(self.config.idle_timeout) => {
+                        tracing::debug!(%client, "closing idle mesh HTTP connection");
+                    }
+                }
+            }
+        }
     }
 
     /// The original destination, unless the connection was not redirected or would loop back

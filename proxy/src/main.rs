@@ -7,6 +7,7 @@ use clap::Parser;
 use trellis_proxy::cli::{Cli, Command, LogArgs, LogFormat};
 
 fn main() -> ExitCode {
+    trellis_identity::install_crypto_provider();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Init { args, log }) => {

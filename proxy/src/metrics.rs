@@ -35,6 +35,16 @@ pub struct RequestLabels {
     pub direction: Direction,
     pub protocol: &'static str,
     pub status: u16,
+    /// Whether the request travelled over mesh TLS (inbound: arrived; outbound: was sent).
+    pub tls: bool,
+    /// Inbound: the client's verified SPIFFE ID; outbound: the server's. Empty for plaintext.
+    pub peer_identity: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    pub result: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -112,6 +122,9 @@ pub struct Metrics {
     ejections: Family<EndpointLabels, Counter>,
     policy_loads: Family<LoadLabels, Counter>,
     policy_version: Family<VersionLabels, Gauge>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    renewals: Family<LoadLabels, Counter>,
+    identity_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -208,8 +221,29 @@ impl Metrics {
             "1 for the policy version in force",
             policy_version.clone(),
         );
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "Mesh TLS handshakes, by direction and result (ok, or why it failed)",
+            handshakes.clone(),
+        );
+        let renewals = Family::<LoadLabels, Counter>::default();
+        registry.register(
+            "identity_certificates",
+            "Certificates obtained (result=ok) or failed attempts (result=error)",
+            renewals.clone(),
+        );
+        let identity_expiry = Gauge::default();
+        registry.register(
+            "identity_expiry_timestamp_seconds",
+            "When the proxy's current certificate expires (Unix time; 0: no certificate)",
+            identity_expiry.clone(),
+        );
         Self {
             registry,
+            handshakes,
+            renewals,
+            identity_expiry,
             retries,
             budget_exhausted,
             ejections,
@@ -232,6 +266,7 @@ impl Metrics {
         direction: Direction,
         protocol: &'static str,
         status: u16,
+        peer: Option<&str>,
         elapsed: Duration,
     ) {
         self.requests
@@ -239,6 +274,8 @@ impl Metrics {
                 direction,
                 protocol,
                 status,
+                tls: peer.is_some(),
+                peer_identity: peer.unwrap_or_default().to_string(),
             })
             .inc();
         self.request_duration
@@ -302,6 +339,22 @@ impl Metrics {
                 version: version.to_string(),
             })
             .set(1);
+    }
+
+    pub fn handshake(&self, direction: Direction, result: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    /// A certificate obtained (`ok`) or a failed attempt, and the expiry in force.
+    pub fn identity(&self, ok: bool, expiry_unix: i64) {
+        self.renewals
+            .get_or_create(&LoadLabels {
+                result: if ok { "ok" } else { "error" },
+            })
+            .inc();
+        self.identity_expiry.set(expiry_unix);
     }
 
     /// Counts an accepted connection open; the returned guard counts it closed when dropped.
@@ -368,7 +421,20 @@ mod tests {
     #[test]
     fn encodes_requests_errors_and_connections() {
         let m = Metrics::new();
-        m.request(Direction::outbound, "http1", 200, Duration::from_millis(3));
+        m.request(
+            Direction::outbound,
+            "http1",
+            200,
+            None,
+            Duration::from_millis(3),
+        );
+        m.request(
+            Direction::inbound,
+            "http2",
+            200,
+            Some("spiffe://cluster.local/ns/a/sa/b"),
+            Duration::from_millis(3),
+        );
         m.error(Direction::inbound, "connect-refused");
         let mut conn = m.connection(Direction::inbound);
         m.detected(&mut conn, "opaque");
@@ -376,7 +442,8 @@ mod tests {
         drop(conn);
         let text = m.encode();
         for line in [
-            r#"trellis_requests_total{direction="outbound",protocol="http1",status="200"} 1"#,
+            r#"trellis_requests_total{direction="outbound",protocol="http1",status="200",tls="false",peer_identity=""} 1"#,
+            r#"trellis_requests_total{direction="inbound",protocol="http2",status="200",tls="true",peer_identity="spiffe://cluster.local/ns/a/sa/b"} 1"#,
             r#"trellis_proxy_errors_total{direction="inbound",cause="connect-refused"} 1"#,
             r#"trellis_tcp_connections_opened_total{direction="inbound",protocol="opaque"} 1"#,
             r#"trellis_tcp_connections_closed_total{direction="inbound",protocol="opaque"} 1"#,

@@ -11,10 +11,13 @@ use std::sync::Arc;
 use socket2::{Domain, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use trellis_identity::SpiffeId;
+use trellis_identity::tls::Credentials;
 
 use crate::admin::{self, AdminState};
 use crate::cli::RunArgs;
 use crate::drain::{self, Drained};
+use crate::identity::{self, Installer, certify};
 use crate::listener::{Listener, ListenerConfig};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::routes::ClientScope;
@@ -35,6 +38,8 @@ pub enum RunError {
     Signal(std::io::Error),
     #[error("{0}")]
     Policy(#[from] policy_file::PolicyFileError),
+    #[error("{0}")]
+    Identity(String),
 }
 
 pub fn run(args: RunArgs) -> Result<(), RunError> {
@@ -51,6 +56,12 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         cluster_domain: args.cluster_domain.clone(),
     };
     let policies = PolicyStore::new(scope, args.service_account.clone());
+    // Identity problems (unreadable files, a certificate that does not verify) stop the proxy
+    // at start with the reason, like a wrong policy file.
+    let identity_source = identity_source(&args)?;
+    if args.control_plane.is_some() {
+        trust_anchors(&args)?;
+    }
     // A policy file that is wrong at start stops the proxy with every error listed: a typo in a
     // deployment should fail loudly, not run without the policy.
     if let Some(path) = &args.policy_file {
@@ -90,7 +101,67 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             .build(),
     }
     .map_err(RunError::Runtime)?;
-    runtime.block_on(serve(args, metrics, policies, admin_state, shutdown))
+    runtime.block_on(serve(
+        args,
+        metrics,
+        policies,
+        admin_state,
+        shutdown,
+        identity_source,
+    ))
+}
+
+/// Where the proxy's certificate comes from, checked before anything starts.
+enum IdentitySource {
+    None,
+    Dir(std::path::PathBuf, Credentials),
+    ControlPlane(certify::CertifyConfig),
+}
+
+fn identity_source(args: &RunArgs) -> Result<IdentitySource, RunError> {
+    let err = |m: String| RunError::Identity(m);
+    if let Some(dir) = &args.identity_dir {
+        let creds = identity::dir::load(dir).map_err(|e| err(format!("--identity-dir {e}")))?;
+        return Ok(IdentitySource::Dir(dir.clone(), creds));
+    }
+    let Some(token_file) = &args.identity_token_file else {
+        return Ok(IdentitySource::None);
+    };
+    let url = args.control_plane.clone().ok_or_else(|| {
+        err("--identity-token-file needs --control-plane (the CA that issues certificates)".into())
+    })?;
+    let (Some(workload), Some(sa)) = (&args.workload, &args.service_account) else {
+        return Err(err(
+            "--identity-token-file needs --workload NS/NAME and --service-account SA (the identity asked for)".into(),
+        ));
+    };
+    let control_identity: SpiffeId = args
+        .control_plane_identity
+        .parse()
+        .map_err(|e| err(format!("--control-plane-identity: {e}")))?;
+    let ns = workload.split_once('/').map_or("default", |(ns, _)| ns);
+    let identity: SpiffeId = format!("spiffe://{}/ns/{ns}/sa/{sa}", control_identity.trust_domain)
+        .parse()
+        .map_err(|e| err(format!("--workload/--service-account: {e}")))?;
+    Ok(IdentitySource::ControlPlane(certify::CertifyConfig {
+        url,
+        anchors_pem: trust_anchors(args)?,
+        control_identity,
+        token_file: Some(token_file.clone()),
+        identity,
+    }))
+}
+
+/// `--trust-anchors`, required to talk to the control plane.
+fn trust_anchors(args: &RunArgs) -> Result<Vec<u8>, RunError> {
+    let path = args.trust_anchors.as_ref().ok_or_else(|| {
+        RunError::Identity("--control-plane needs --trust-anchors FILE (the mesh CA, PEM) to verify the control plane".into())
+    })?;
+    let pem = std::fs::read(path)
+        .map_err(|e| RunError::Identity(format!("--trust-anchors {}: {e}", path.display())))?;
+    trellis_identity::tls::roots_from_pem(&pem)
+        .map_err(|e| RunError::Identity(format!("--trust-anchors {}: {e}", path.display())))?;
+    Ok(pem)
 }
 
 async fn serve(
@@ -99,7 +170,23 @@ async fn serve(
     policies: Arc<PolicyStore>,
     admin: Arc<AdminState>,
     shutdown: Arc<Notify>,
+    identity_source: IdentitySource,
 ) -> Result<(), RunError> {
+    let (installer, identity) = Installer::new(metrics.clone());
+    let needs_identity = !matches!(identity_source, IdentitySource::None);
+    match identity_source {
+        IdentitySource::None => {}
+        IdentitySource::Dir(dir, creds) => {
+            let files = identity::dir::snapshot(&dir);
+            installer
+                .install(&creds, "identity dir")
+                .map_err(RunError::Identity)?;
+            tokio::spawn(identity::dir::watch(dir, installer, files));
+        }
+        IdentitySource::ControlPlane(config) => {
+            tokio::spawn(certify::run(config, installer));
+        }
+    }
     if let Some(path) = args.policy_file.clone() {
         tokio::spawn(policy_file::watch(
             path,
@@ -110,7 +197,7 @@ async fn serve(
     }
     let first_snapshot = Arc::new(Notify::new());
     if let Some(url) = args.control_plane.clone() {
-        let identity = control::Identity {
+        let who = control::Identity {
             workload: args
                 .workload
                 .clone()
@@ -119,9 +206,17 @@ async fn serve(
             pod_name: args.pod_name.clone().unwrap_or_default(),
             pod_ip: args.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         };
+        let anchors = trust_anchors(&args)?;
+        let control_identity: SpiffeId = args
+            .control_plane_identity
+            .parse()
+            .map_err(|e| RunError::Identity(format!("--control-plane-identity: {e}")))?;
+        let channel = control::channel(&url, &anchors, control_identity, identity.clone())
+            .map_err(RunError::Identity)?;
         tokio::spawn(control::follow(
-            url,
-            identity,
+            url.clone(),
+            channel,
+            who,
             policies.clone(),
             metrics.clone(),
             first_snapshot.clone(),
@@ -143,7 +238,12 @@ async fn serve(
         (Direction::inbound, args.inbound_addr),
         (Direction::outbound, args.outbound_addr),
     ] {
-        let connector = Connector::new(direction, args.connect_timeout, metrics.clone());
+        let connector = Connector::new(
+            direction,
+            args.connect_timeout,
+            metrics.clone(),
+            identity.clone(),
+        );
         let pool = Pool::new(connector, pool_config.clone());
         let listener = Listener::new(
             ListenerConfig {
@@ -158,6 +258,7 @@ async fn serve(
             pool,
             metrics.clone(),
             policies.clone(),
+            identity.clone(),
         );
         let what = direction.as_str();
         let socket = bind(addr).map_err(|source| RunError::Bind { what, addr, source })?;
@@ -176,19 +277,29 @@ async fn serve(
         }
     }
     drop(watch);
-    match args.control_plane.clone() {
-        None => {
-            admin.set_ready(true);
-            tracing::info!(admin = %args.admin_addr, "ready");
-        }
-        Some(url) => {
-            tokio::spawn(ready_after_first_snapshot(
-                url,
-                first_snapshot,
-                args.ready_timeout,
-                admin.clone(),
-            ));
-        }
+    {
+        let (admin, mut identity) = (admin.clone(), identity.clone());
+        let (url, ready_timeout, admin_addr) = (
+            args.control_plane.clone(),
+            args.ready_timeout,
+            args.admin_addr,
+        );
+        tokio::spawn(async move {
+            // Ready needs the certificate (when the proxy has an identity) and the first policy.
+            if needs_identity && identity.current().is_none() {
+                tracing::info!("not ready: waiting for the first certificate");
+                identity.ready().await;
+            }
+            match url {
+                None => {
+                    admin.set_ready(true);
+                    tracing::info!(admin = %admin_addr, "ready");
+                }
+                Some(url) => {
+                    ready_after_first_snapshot(url, first_snapshot, ready_timeout, admin).await
+                }
+            }
+        });
     }
 
     wait_for_shutdown(&shutdown).await?;

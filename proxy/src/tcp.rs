@@ -108,9 +108,11 @@ async fn connect(
             None => (target.orig_dst, None),
         };
         tried.push(addr);
-        let result = connector
-            .connect(&Endpoint::plaintext(addr), "opaque")
-            .await;
+        let endpoint = Endpoint {
+            addr,
+            identity: route.mtls_identity.clone(),
+        };
+        let result = connector.connect(&endpoint, "opaque").await;
         match result {
             Ok(io) => {
                 if let Some(f) = in_flight {
@@ -125,7 +127,12 @@ async fn connect(
                     connector.metrics().ejection(&route.name, addr);
                     tracing::warn!(policy = %route.name, endpoint = %addr, ejected_for = ?time, "endpoint ejected after consecutive failures");
                 }
+                let tls_failure = matches!(
+                    err,
+                    ProxyError::TlsHandshake { .. } | ProxyError::TlsIdentityMismatch { .. }
+                );
                 let retry = attempts <= retries.max_retries
+                    && !tls_failure
                     && Failure::ConnectFailure.listed_in(&retries.on);
                 if !retry {
                     return Err((err, addr));

@@ -25,26 +25,35 @@ fn setup(test: &str) -> Option<(Mesh, Pod, Pod, Pod, std::path::PathBuf)> {
     let control = mesh.pod("control");
     let state = mesh.log_dir().join("control-state");
     control.start_control_plane(&state);
-    let url = control.control_url();
+    let cp = control.control_flags(&mesh);
+    let cp: Vec<&str> = cp.iter().map(String::as_str).collect();
     let server = mesh.pod("server");
     server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
-    server.start_sidecar(&[
-        "--control-plane",
-        &url,
-        "--workload",
-        "default/server",
-        "--service-account",
-        "server",
-    ]);
+    server.start_sidecar(
+        &[
+            &cp[..],
+            &[
+                "--workload",
+                "default/server",
+                "--service-account",
+                "server",
+            ],
+        ]
+        .concat(),
+    );
     let client = mesh.pod("client");
-    client.start_sidecar(&[
-        "--control-plane",
-        &url,
-        "--workload",
-        "default/client",
-        "--service-account",
-        "client",
-    ]);
+    client.start_sidecar(
+        &[
+            &cp[..],
+            &[
+                "--workload",
+                "default/client",
+                "--service-account",
+                "client",
+            ],
+        ]
+        .concat(),
+    );
     Some((mesh, control, server, client, state))
 }
 
@@ -119,15 +128,13 @@ fn apply_wait_reports_each_proxys_acknowledgement() {
     };
     let control = mesh.pod("control");
     control.start_control_plane(&mesh.log_dir().join("state"));
+    let cp = control.control_flags(&mesh);
+    let cp: Vec<&str> = cp.iter().map(String::as_str).collect();
     let pods: Vec<Pod> = (1..=3)
         .map(|i| {
             let pod = mesh.pod(&format!("web-{i}"));
-            pod.start_sidecar(&[
-                "--control-plane",
-                &control.control_url(),
-                "--workload",
-                &format!("default/web-{i}"),
-            ]);
+            let workload = format!("default/web-{i}");
+            pod.start_sidecar(&[&cp[..], &["--workload", &workload]].concat());
             pod
         })
         .collect();
@@ -232,11 +239,12 @@ fn a_full_disk_rejects_the_apply_and_keeps_the_state_in_force() {
         return;
     };
     let control = mesh.pod("control");
-    // The control plane runs in a mount namespace of its own, on a 16 KiB tmpfs.
+    // The control plane runs in a mount namespace of its own, on a 40 KiB tmpfs (room for the
+    // CA and the admin credential, 4 KiB blocks each, and a small state).
     let state = mesh.log_dir().join("tiny-state");
     std::fs::create_dir_all(&state).unwrap();
     let script = format!(
-        "mount -t tmpfs -o size=16k tmpfs {dir} && exec {bin} serve --grpc-addr 127.0.0.1:7443 --admin-addr 127.0.0.1:9990 --state-dir {dir}",
+        "mount -t tmpfs -o size=40k tmpfs {dir} && exec {bin} serve --grpc-addr 127.0.0.1:7443 --admin-addr 127.0.0.1:9990 --state-dir {dir}",
         dir = state.display(),
         bin = trellis_tests::harness::control_bin().display()
     );
@@ -247,18 +255,29 @@ fn a_full_disk_rejects_the_apply_and_keeps_the_state_in_force() {
         cmd,
         &mesh.log_dir().join("cp.log"),
     );
+    // The CLI runs in the control plane's mount namespace: its credential is on the tmpfs.
+    let pid = cp.pid().to_string();
+    let cli = |args: &[&str]| {
+        std::process::Command::new("nsenter")
+            .args(["-t", &pid, "-m", "-n", "--"])
+            .arg(trellis_tests::harness::control_bin())
+            .args(args)
+            .env("TRELLIS_STATE_DIR", &state)
+            .output()
+            .unwrap()
+    };
     wait_for("the control plane", Duration::from_secs(10), || {
-        control.control(&["get"]).status.success()
+        cli(&["get"]).status.success()
     });
 
     let small = mesh.write_file("small.yaml", "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: small}\nspec: {timeout: 1s}\n");
-    run_ok(control.control(&["apply", "-f", &small.to_string_lossy()]));
-    // 200 policies do not fit in 16 KiB.
-    let big: String = (0..200)
+    run_ok(cli(&["apply", "-f", &small.to_string_lossy()]));
+    // 600 policies do not fit.
+    let big: String = (0..600)
         .map(|i| format!("---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: p{i}}}\nspec: {{destination: {{host: service-{i}}}, timeout: 2s}}\n"))
         .collect();
     let big = mesh.write_file("big.yaml", &big);
-    let out = control.control(&["apply", "-f", &big.to_string_lossy()]);
+    let out = cli(&["apply", "-f", &big.to_string_lossy()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -269,9 +288,9 @@ fn a_full_disk_rejects_the_apply_and_keeps_the_state_in_force() {
         stderr.contains("the policy in force is unchanged"),
         "{stderr}"
     );
-    let listed = run_ok(control.control(&["get"]));
+    let listed = run_ok(cli(&["get"]));
     assert!(
-        listed.contains("small") && !listed.contains("p199") && listed.contains("version 1"),
+        listed.contains("small") && !listed.contains("p599") && listed.contains("version 1"),
         "{listed}"
     );
     let metrics = run_ok(control.exec("curl", &["-s", "127.0.0.1:9990/metrics"]));
@@ -290,11 +309,22 @@ fn ready_waits_for_the_first_snapshot_then_gives_up_after_the_ready_timeout() {
     };
     let control = mesh.pod("control");
     let pod = mesh.pod("pod");
-    // The control plane is not running yet: readiness waits, and then gives up after 2 s.
+    // The CA exists (an operator prepared the state dir) but the control plane is not running
+    // yet: readiness waits, and then gives up after 2 s.
+    let state = mesh.log_dir().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let (_, ca_cert, ca_key) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
+    std::fs::write(state.join("ca.pem"), &ca_cert).unwrap();
+    std::fs::write(state.join("ca-key.pem"), &ca_key).unwrap();
+    let anchors = mesh.write_file("anchors.pem", &ca_cert);
+    let anchors = anchors.to_string_lossy();
+    let url = control.control_url();
     let start = Instant::now();
     pod.start_sidecar(&[
         "--control-plane",
-        &control.control_url(),
+        &url,
+        "--trust-anchors",
+        &anchors,
         "--ready-timeout",
         "2s",
         "--workload",
@@ -313,12 +343,14 @@ fn ready_waits_for_the_first_snapshot_then_gives_up_after_the_ready_timeout() {
     );
 
     // A second proxy with a running control plane is ready as soon as its first snapshot is in force.
-    control.start_control_plane(&mesh.log_dir().join("state"));
+    control.start_control_plane(&state);
     let other = mesh.pod("other");
     let start = Instant::now();
     other.start_sidecar(&[
         "--control-plane",
-        &control.control_url(),
+        &url,
+        "--trust-anchors",
+        &anchors,
         "--workload",
         "default/other",
     ]);

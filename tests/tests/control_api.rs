@@ -7,6 +7,9 @@ use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -19,7 +22,7 @@ use trellis_proto::pb::{
 };
 use trellis_proto::policy::PolicySet;
 use trellis_proto::wire;
-use trellis_tests::harness::{Mesh, control_bin};
+use trellis_tests::harness::{CONTROL_IDENTITY, Mesh, control_bin};
 
 // ---- a scripted control plane ----
 
@@ -102,7 +105,20 @@ fn a_snapshot_the_proxy_cannot_apply_is_nacked_and_the_previous_config_stays() {
         snapshots: Mutex::new(Some(vec![good, bad])),
         answers: answers_tx,
     };
-    // The fake control plane runs inside the pod, on 127.0.0.1:7443.
+    // The fake control plane runs inside the pod, on 127.0.0.1:7443, with a certificate for the
+    // control plane's identity from a CA of the test's own.
+    let (ca, ..) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
+    let id: trellis_identity::SpiffeId = CONTROL_IDENTITY.parse().unwrap();
+    let (issued, key) = ca.issue(&id, Duration::from_secs(600), &[], &[]).unwrap();
+    let anchors = mesh.write_file("anchors.pem", ca.bundle_pem());
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let roots = trellis_identity::tls::roots_from_pem(ca.bundle_pem().as_bytes()).unwrap();
+    let tls =
+        trellis_identity::tls::server_config(Arc::new(roots), chain, key, false, &[b"h2"]).unwrap();
     let _server = pod.netns().spawn_thread(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -110,15 +126,18 @@ fn a_snapshot_the_proxy_cannot_apply_is_nacked_and_the_previous_config_stays() {
             .unwrap();
         rt.block_on(async move {
             let addr: SocketAddr = "127.0.0.1:7443".parse().unwrap();
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
             let _ = tonic::transport::Server::builder()
                 .add_service(ConfigServiceServer::new(fake))
-                .serve(addr)
+                .serve_with_incoming(trellis_control::tls::incoming(listener, tls))
                 .await;
         });
     });
     pod.start_sidecar(&[
         "--control-plane",
-        "http://127.0.0.1:7443",
+        "https://127.0.0.1:7443",
+        "--trust-anchors",
+        &anchors.to_string_lossy(),
         "--workload",
         "default/proxy",
     ]);
@@ -163,7 +182,7 @@ fn a_snapshot_the_proxy_cannot_apply_is_nacked_and_the_previous_config_stays() {
         config["version"], "1",
         "the proxy keeps the last good snapshot"
     );
-    assert_eq!(config["source"], "control-plane:http://127.0.0.1:7443");
+    assert_eq!(config["source"], "control-plane:https://127.0.0.1:7443");
     assert_eq!(
         pod.metrics()
             .sum("trellis_policy_loads_total", &[("result", "rejected")]),
@@ -206,15 +225,41 @@ impl ControlPlane {
         }
         Self {
             child,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("https://127.0.0.1:{port}"),
             dir,
         }
+    }
+
+    /// A channel to the control plane over TLS; with the admin credential of its state dir
+    /// when `admin`, else anonymous (as a proxy before its first certificate).
+    fn channel(&self, admin: bool) -> tonic::transport::Channel {
+        let ca = std::fs::read(self.dir.join("ca.pem")).unwrap();
+        let config = if admin {
+            let cert = std::fs::read(self.dir.join("admin-cert.pem")).unwrap();
+            let key = std::fs::read(self.dir.join("admin-key.pem")).unwrap();
+            trellis_identity::tls::Credentials::from_pem(&cert, &key, &ca)
+                .unwrap()
+                .client_config(&[b"h2"])
+                .unwrap()
+        } else {
+            let roots = trellis_identity::tls::roots_from_pem(&ca).unwrap();
+            trellis_identity::tls::client_config(std::sync::Arc::new(roots), None, &[b"h2"])
+                .unwrap()
+        };
+        trellis_identity::grpc::channel(
+            &self.url,
+            std::sync::Arc::new(move || config.clone()),
+            std::sync::Arc::new(|_| Ok(())),
+        )
+        .unwrap()
     }
 
     fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(control_bin())
             .args(args)
             .args(["--server", &self.url])
+            .arg("--state-dir")
+            .arg(&self.dir)
             .output()
             .expect("run trellis-control")
     }
@@ -295,11 +340,7 @@ fn simulated_proxies(
         .unwrap();
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     rt.block_on(async {
-        let channel = tonic::transport::Channel::from_shared(cp.url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let channel = cp.channel(false);
         for (workload, nack) in proxies {
             let nack = nack.map(str::to_string);
             tokio::spawn(simulated_proxy(
@@ -329,7 +370,7 @@ fn five_hundred_proxy_streams_all_acknowledge_an_apply() {
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         // 10 HTTP/2 connections carrying 50 streams each.
         for c in 0..10 {
-            let channel = tonic::transport::Channel::from_shared(cp.url.clone()).unwrap().connect().await.unwrap();
+            let channel = cp.channel(false);
             for i in 0..PROXIES / 10 {
                 let workload = format!("default/sim-{}", c * 50 + i);
                 tokio::spawn(simulated_proxy(channel.clone(), workload, None, seen_tx.clone()));
@@ -339,7 +380,7 @@ fn five_hundred_proxy_streams_all_acknowledge_an_apply() {
         for _ in 0..PROXIES {
             tokio::time::timeout(Duration::from_secs(30), seen.recv()).await.unwrap().unwrap();
         }
-        let mut policy = PolicyServiceClient::connect(cp.url.clone()).await.unwrap();
+        let mut policy = PolicyServiceClient::new(cp.channel(true));
         let yaml = "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: web}\nspec: {timeout: 2s}\n";
         let committed = Instant::now();
         let rsp = policy.apply(ApplyRequest { yaml: yaml.into() }).await.unwrap().into_inner();
@@ -445,8 +486,10 @@ fn a_second_grpc_stack_applies_policy_that_proxies_receive() {
         .arg(root.join("python/apply_policy.py"))
         .arg(root.join("../proto/proto"))
         .arg(&out_dir)
-        .arg(cp.url.trim_start_matches("http://"))
+        .arg(cp.url.trim_start_matches("https://"))
         .arg(&yaml)
+        .arg(cp.dir.join("ca.pem"))
+        .arg(cp.dir.join("admin-token"))
         .output()
         .unwrap();
     let _ = std::fs::remove_dir_all(&out_dir);
@@ -487,7 +530,7 @@ fn a_proxy_that_stops_reading_delays_no_other_proxy() {
         .unwrap();
     rt.block_on(async {
         // The stuck proxy: subscribes, then never reads its stream (HTTP/2 flow control fills up).
-        let channel = tonic::transport::Channel::from_shared(cp.url.clone()).unwrap().connect().await.unwrap();
+        let channel = cp.channel(false);
         let (stuck_tx, stuck_rx) = mpsc::channel(4);
         let sub = Subscribe { workload: "default/stuck".into(), ..Default::default() };
         stuck_tx.send(ProxyMessage { kind: Some(proxy_message::Kind::Subscribe(sub)) }).await.unwrap();
@@ -495,7 +538,7 @@ fn a_proxy_that_stops_reading_delays_no_other_proxy() {
 
         // Three healthy proxies on their own connection.
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
-        let channel = tonic::transport::Channel::from_shared(cp.url.clone()).unwrap().connect().await.unwrap();
+        let channel = cp.channel(false);
         for i in 0..3 {
             tokio::spawn(simulated_proxy(channel.clone(), format!("default/ok-{i}"), None, seen_tx.clone()));
         }
@@ -504,7 +547,7 @@ fn a_proxy_that_stops_reading_delays_no_other_proxy() {
         }
         // 40 versions of a policy with 6000 endpoints (~90 KB per snapshot, 3.6 MB in all): far
         // more than the stuck stream's flow-control window, so its sender really blocks.
-        let mut policy = PolicyServiceClient::connect(cp.url.clone()).await.unwrap();
+        let mut policy = PolicyServiceClient::new(cp.channel(true));
         let mut slowest_apply = Duration::ZERO;
         for v in 1..=40u32 {
             let endpoints: Vec<String> = (0..6000).map(|i| format!("\"10.{}.{}.{}:8080\"", v, i / 250, i % 250)).collect();

@@ -18,6 +18,7 @@ use trellis_proto::pb::config_service_server::ConfigService;
 use trellis_proto::pb::{ProxyMessage, Snapshot, proxy_message};
 
 use super::{Hub, ProxyRecord, now_ms};
+use crate::tls::PeerInfo;
 
 pub struct ConfigServer {
     hub: Arc<Hub>,
@@ -43,8 +44,13 @@ impl ConfigService for ConfigServer {
         &self,
         req: Request<Streaming<ProxyMessage>>,
     ) -> Result<Response<SnapshotStream>, Status> {
-        let peer = req
-            .remote_addr()
+        let info = req
+            .extensions()
+            .get::<PeerInfo>()
+            .cloned()
+            .unwrap_or_default();
+        let peer = info
+            .addr
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into());
         let mut incoming = req.into_inner();
@@ -66,6 +72,16 @@ impl ConfigService for ConfigServer {
                 "Subscribe.workload {:?} is not NAMESPACE/NAME",
                 sub.workload
             )));
+        }
+        // A proxy with a mesh certificate subscribes only as the workload it is.
+        if let Some(id) = &info.identity {
+            let ns = sub.workload.split_once('/').map_or("", |(ns, _)| ns);
+            if id.namespace != ns || id.service_account != sub.service_account {
+                return Err(Status::permission_denied(format!(
+                    "the client certificate is {id}, which may not subscribe as workload {} with service account {:?}",
+                    sub.workload, sub.service_account
+                )));
+            }
         }
         let n = self.streams.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}@{peer}#{n}", sub.workload);

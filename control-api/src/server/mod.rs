@@ -1,4 +1,4 @@
-//! The control plane's shared state and its two gRPC services.
+//! The control plane's shared state and its gRPC services (policy, config, identity, tokens).
 //!
 //! [`Hub`] holds the policies in force (with their version), the time each version was
 //! committed, and a record per connected proxy (what it was sent, acknowledged or rejected).
@@ -6,9 +6,11 @@
 //! sends only the latest snapshot, so a slow or stuck proxy delays nobody but itself.
 
 mod config_service;
+mod identity_service;
 mod policy_service;
 
 pub use config_service::ConfigServer;
+pub use identity_service::{IdentityServer, TokenServer, admin_only};
 pub use policy_service::PolicyServer;
 
 use std::collections::{BTreeMap, HashMap};

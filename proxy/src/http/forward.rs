@@ -20,14 +20,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_LENGTH, HOST};
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::TimedBody;
 use super::{
-    BoxBody, BoxError, ConnInfo, RequestSummary, bridge_upgrade, error_response, is_grpc,
-    upstream_uri,
+    BoxBody, BoxError, ConnInfo, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RequestSummary,
+    bridge_upgrade, error_response, is_grpc, upstream_uri,
 };
 use crate::balance::Verdict;
 use crate::cli::AccessLog;
@@ -52,6 +52,7 @@ pub struct Forwarder {
 /// A request ready to send, minus its body.
 struct Call {
     parts: http::request::Parts,
+    /// The client's HTTP version (and the app's, inbound).
     version: HttpVersion,
     orig_dst: SocketAddr,
     grpc: bool,
@@ -67,6 +68,8 @@ struct Outcome {
     endpoint: SocketAddr,
     deadline: Option<Instant>,
     idle_timeout: Option<Duration>,
+    /// The server's identity when the call went over mesh TLS (outbound).
+    peer: Option<Arc<str>>,
 }
 
 impl Forwarder {
@@ -108,20 +111,55 @@ impl Forwarder {
                     endpoint: conn.client,
                     deadline: None,
                     idle_timeout: None,
+                    peer: None,
                 };
                 return self.respond(outcome, grpc, &method, &target, conn, start, None);
             }
         };
         let (mut parts, body) = req.into_parts();
         super::strip_hop_by_hop(&mut parts.headers, upgrade);
-        if self.direction == Direction::outbound {
-            // Only a proxy may say that the proxy failed: never trust the app's claim.
-            parts.headers.remove(ERROR_HEADER);
-        }
-        let version = match conn.protocol {
+        // Only a proxy may say that the proxy failed, or who the caller is: never trust what
+        // an app or a plaintext caller claims.
+        parts.headers.remove(ERROR_HEADER);
+        parts.headers.remove(PEER_IDENTITY_HEADER);
+        let orig_proto = parts.headers.remove(ORIG_PROTO_HEADER);
+        let mut version = match conn.protocol {
             Protocol::Http2 => HttpVersion::Http2,
             _ => HttpVersion::Http1,
         };
+        if self.direction == Direction::inbound {
+            if let Some(reason) = &conn.denied {
+                let outcome = Outcome {
+                    result: Err(ProxyError::Unauthorized {
+                        reason: reason.clone(),
+                    }),
+                    attempts: 0,
+                    route: None,
+                    endpoint: orig_dst,
+                    deadline: None,
+                    idle_timeout: None,
+                    peer: None,
+                };
+                return self.respond(outcome, grpc, &method, &target, conn, start, None);
+            }
+            if let Some(peer) = &conn.peer {
+                if let Ok(v) = HeaderValue::from_str(peer) {
+                    parts.headers.insert(PEER_IDENTITY_HEADER, v);
+                }
+                // A request that a mesh peer carried over HTTP/2 for an HTTP/1.1 client goes
+                // to the app as HTTP/1.1.
+                if orig_proto.as_ref().is_some_and(|v| v == "HTTP/1.1") {
+                    version = HttpVersion::Http1;
+                    parts.version = Version::HTTP_11;
+                    if !parts.headers.contains_key(HOST)
+                        && let Some(a) = parts.uri.authority()
+                        && let Ok(host) = HeaderValue::from_str(a.as_str())
+                    {
+                        parts.headers.insert(HOST, host);
+                    }
+                }
+            }
+        }
         parts.uri = upstream_uri(&parts, version, orig_dst);
         if version == HttpVersion::Http1 && !parts.headers.contains_key(HOST) {
             // HTTP/1.0 clients may omit Host; the upstream then sees the address dialled.
@@ -155,11 +193,18 @@ impl Forwarder {
             endpoint: call.orig_dst,
             deadline: None,
             idle_timeout: None,
+            peer: None,
         }
     }
 
     /// Outbound: the matching policy's endpoints, timeouts and retries.
-    async fn call(&self, call: Call, body: BoxBody, authority: &str, start: Instant) -> Outcome {
+    async fn call(
+        &self,
+        mut call: Call,
+        body: BoxBody,
+        authority: &str,
+        start: Instant,
+    ) -> Outcome {
         let snapshot = self.policies.current();
         let route: Arc<Route> = snapshot
             .routes
@@ -173,6 +218,19 @@ impl Forwarder {
         // timeout is enforced once per connection (listener.rs), at no per-request cost.
         let idle_timeout = policy.idle_timeout;
         let budget = self.policies.budget_for(&route, call.orig_dst);
+        // Over mesh TLS every request rides the pooled HTTP/2 connection to the endpoint,
+        // whatever the client spoke (the far side restores HTTP/1.1); protocol upgrades need
+        // HTTP/1.1 end to end and get a connection of their own.
+        let mesh = route.mtls_identity.clone();
+        let mut upstream_version = call.version;
+        if mesh.is_some() && !call.upgrade && call.version == HttpVersion::Http1 {
+            upstream_version = HttpVersion::Http2;
+            call.parts.uri = super::upstream_uri(&call.parts, HttpVersion::Http2, call.orig_dst);
+            call.parts.version = Version::HTTP_2;
+            call.parts
+                .headers
+                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+        }
         budget.record_request();
 
         let declared_len = call
@@ -196,6 +254,7 @@ impl Forwarder {
             endpoint,
             deadline,
             idle_timeout,
+            peer: mesh.clone(),
         };
         loop {
             attempts += 1;
@@ -230,8 +289,11 @@ impl Forwarder {
                 (Some(per_try), None) => Some(Instant::now() + per_try),
                 (None, d) => d,
             };
-            let endpoint = Endpoint::plaintext(addr);
-            let send = self.pool.send(&endpoint, call.version, req);
+            let endpoint = Endpoint {
+                addr,
+                identity: mesh.clone(),
+            };
+            let send = self.pool.send(&endpoint, upstream_version, req);
             let result = match attempt_deadline {
                 None => send.await,
                 Some(at) => match tokio::time::timeout_at(at.into(), send).await {
@@ -251,6 +313,15 @@ impl Forwarder {
                     }),
                 },
             };
+            if let Err(ProxyError::TlsHandshake { .. } | ProxyError::TlsIdentityMismatch { .. }) =
+                &result
+            {
+                // The same handshake would fail again: not retried, and no request was sent.
+                if let Some(in_flight) = in_flight {
+                    in_flight.succeeded();
+                }
+                return done(result, attempts, addr);
+            }
             let failure = match &result {
                 Ok(rsp) => classify_response(rsp),
                 Err(e) => Some(classify_error(e)),
@@ -324,8 +395,14 @@ impl Forwarder {
                 let cause = err.cause();
                 let rsp = error_response(&err, grpc);
                 self.metrics.error(self.direction, cause);
-                self.metrics
-                    .request(self.direction, protocol, rsp.status().as_u16(), elapsed);
+                let peer = conn.peer.as_deref().or(outcome.peer.as_deref());
+                self.metrics.request(
+                    self.direction,
+                    protocol,
+                    rsp.status().as_u16(),
+                    peer,
+                    elapsed,
+                );
                 if self.access_log != AccessLog::Off {
                     tracing::warn!(
                         target: "trellis::access",
@@ -352,8 +429,9 @@ impl Forwarder {
         if self.direction == Direction::inbound {
             rsp.headers_mut().remove(ERROR_HEADER);
         }
+        let peer = conn.peer.as_deref().or(outcome.peer.as_deref());
         self.metrics
-            .request(self.direction, protocol, status.as_u16(), elapsed);
+            .request(self.direction, protocol, status.as_u16(), peer, elapsed);
         if self.access_log == AccessLog::All
             || (self.access_log == AccessLog::Errors && status.is_server_error())
         {

@@ -44,7 +44,35 @@ pub struct ConnInfo {
     /// `no-original-destination`).
     pub orig_dst: Result<SocketAddr, String>,
     pub protocol: Protocol,
+    /// Inbound over mesh TLS: the client's verified SPIFFE ID.
+    pub peer: Option<Arc<str>>,
+    /// Inbound: why the server policy refuses this client's requests (403 `unauthorized`).
+    pub denied: Option<String>,
 }
+
+impl ConnInfo {
+    pub fn plain(
+        client: SocketAddr,
+        orig_dst: Result<SocketAddr, String>,
+        protocol: Protocol,
+    ) -> Self {
+        Self {
+            client,
+            orig_dst,
+            protocol,
+            peer: None,
+            denied: None,
+        }
+    }
+}
+
+/// The verified identity of the calling workload, set by the inbound proxy on requests that
+/// arrived over mesh TLS (and removed from every other request: it cannot be forged).
+pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
+/// Between proxies: the HTTP version the client spoke when its request rides the mesh's HTTP/2
+/// connection, so the far side delivers it to the app in that version. Only trusted from a
+/// mesh peer.
+pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
 
 /// Serves HTTP on an accepted, detected connection until it closes or a drain completes it.
 pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: drain::Watch) {
@@ -144,6 +172,7 @@ pub fn error_response(err: &ProxyError, grpc: bool) -> Response<BoxBody> {
         // Trailers-only gRPC response: HTTP 200, the status in the headers.
         let code = match err.status() {
             StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+            StatusCode::FORBIDDEN => "7",       // PERMISSION_DENIED
             _ => "14",                          // UNAVAILABLE
         };
         let mut rsp = Response::new(empty());

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use trellis_identity::SpiffeId;
+use trellis_identity::grpc::{ConfigSource, ServerCheck};
 use trellis_proto::pb::config_service_client::ConfigServiceClient;
 use trellis_proto::pb::{Ack, Nack, ProxyMessage, Subscribe, proxy_message};
 use trellis_proto::wire;
@@ -31,6 +34,7 @@ pub struct Identity {
 /// snapshot is in force.
 pub async fn follow(
     url: String,
+    channel: Channel,
     identity: Identity,
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
@@ -44,6 +48,7 @@ pub async fn follow(
         let mut delivered = false;
         match session(
             &url,
+            channel.clone(),
             &identity,
             &store,
             &metrics,
@@ -75,6 +80,7 @@ pub async fn follow(
 
 async fn session(
     url: &str,
+    channel: Channel,
     identity: &Identity,
     store: &PolicyStore,
     metrics: &Metrics,
@@ -82,17 +88,7 @@ async fn session(
     announced_first: &mut bool,
     delivered: &mut bool,
 ) -> Result<(), String> {
-    let mut client = ConfigServiceClient::connect(url.to_string())
-        .await
-        .map_err(|e| {
-            let mut cause = e.to_string();
-            let mut next = std::error::Error::source(&e);
-            while let Some(s) = next {
-                cause = s.to_string();
-                next = s.source();
-            }
-            cause
-        })?;
+    let mut client = ConfigServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(8);
     let held = store.current();
     let held_version = if held.source.starts_with("control-plane:") {
@@ -115,18 +111,14 @@ async fn session(
     let mut snapshots = client
         .stream(ReceiverStream::new(rx))
         .await
-        .map_err(|s| s.message().to_string())?
+        .map_err(|s| status_cause(&s))?
         .into_inner();
     tracing::info!(%url, held = %held_version, "subscribed to the control plane");
     if !held_version.is_empty() && !*announced_first {
         *announced_first = true;
         first.notify_one();
     }
-    while let Some(snapshot) = snapshots
-        .message()
-        .await
-        .map_err(|s| s.message().to_string())?
-    {
+    while let Some(snapshot) = snapshots.message().await.map_err(|s| status_cause(&s))? {
         *delivered = true;
         let (version, nonce) = (snapshot.version.clone(), snapshot.nonce.clone());
         let answer = match wire::set_from_wire(&snapshot.traffic, &snapshot.server) {
@@ -156,4 +148,40 @@ async fn session(
             .map_err(|_| "stream closed".to_string())?;
     }
     Ok(())
+}
+
+fn status_cause(s: &tonic::Status) -> String {
+    match std::error::Error::source(s) {
+        Some(e) => trellis_identity::grpc::root_cause(e),
+        None => s.message().to_string(),
+    }
+}
+
+/// The channel to the control plane: TLS verified against the trust anchors, the server must be
+/// `control_identity`, and the proxy's certificate (once it has one) is presented so the control
+/// plane knows which workload is asking.
+pub fn channel(
+    url: &str,
+    anchors_pem: &[u8],
+    control_identity: SpiffeId,
+    identity: crate::identity::Identity,
+) -> Result<Channel, String> {
+    let anchors = Arc::new(
+        trellis_identity::tls::roots_from_pem(anchors_pem)
+            .map_err(|e| format!("--trust-anchors: {e}"))?,
+    );
+    let anonymous =
+        trellis_identity::tls::client_config(anchors, None, &[b"h2"]).map_err(|e| e.to_string())?;
+    let config: ConfigSource = Arc::new(move || match identity.current() {
+        Some(tls) if !tls.expired() => tls.client_grpc.clone(),
+        _ => anonymous.clone(),
+    });
+    let check: ServerCheck = Arc::new(move |id: Option<SpiffeId>| match id {
+        Some(id) if id == control_identity => Ok(()),
+        other => Err(format!(
+            "the control plane is {}, not {control_identity}",
+            other.map_or("an unknown identity".into(), |i| i.to_string())
+        )),
+    });
+    trellis_identity::grpc::channel(url, config, check)
 }

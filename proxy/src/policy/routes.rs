@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use trellis_proto::policy::{Destination, Ejection, Protocol, Retries, TrafficPolicy};
+use trellis_proto::policy::{Destination, Ejection, Protocol, Retries, TlsMode, TrafficPolicy};
 
 use crate::balance::Balancer;
 use crate::retry::Budget;
@@ -29,6 +29,21 @@ pub struct Route {
     /// The built-in default: its retry budget is kept per original destination (see
     /// `PolicyStore::budget_for`), so one failing destination cannot spend another's retries.
     pub builtin: bool,
+    /// The identity the server must prove when the policy asks for mutual TLS
+    /// (`tls.serverIdentity`, or any mesh identity when it names none); `None`: plaintext.
+    pub mtls_identity: Option<Arc<str>>,
+}
+
+impl Route {
+    /// The mutual TLS identity a policy asks for.
+    pub fn mtls_identity_of(policy: &TrafficPolicy) -> Option<Arc<str>> {
+        let tls = policy.tls.as_ref().filter(|t| t.mode == TlsMode::Mutual)?;
+        Some(Arc::from(
+            tls.server_identity
+                .as_deref()
+                .unwrap_or(crate::transport::ANY_MESH_IDENTITY),
+        ))
+    }
 }
 
 impl Route {
@@ -49,6 +64,7 @@ impl Route {
             budget,
             balancer: None,
             builtin: true,
+            mtls_identity: None,
         }
     }
 }
@@ -196,6 +212,7 @@ mod tests {
                     budget: Arc::default(),
                     balancer: None,
                     builtin: false,
+                    mtls_identity: None,
                 })
             })
             .collect();

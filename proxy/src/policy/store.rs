@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub routes: RouteTable,
     /// Inbound ports that skip protocol detection (ServerPolicies selecting this workload).
     pub inbound_opaque_ports: Vec<u16>,
+    /// The ServerPolicies selecting this workload (its namespace and service account).
+    pub inbound_servers: Vec<policy::ServerPolicy>,
 }
 
 pub struct PolicyStore {
@@ -47,6 +49,7 @@ impl PolicyStore {
             set: PolicySet::default(),
             routes: RouteTable::new(Vec::new(), default_route.clone(), &scope),
             inbound_opaque_ports: Vec::new(),
+            inbound_servers: Vec::new(),
         };
         let (tx, _) = watch::channel(Arc::new(empty));
         Arc::new(Self {
@@ -86,6 +89,7 @@ impl PolicyStore {
                     .then(|| Balancer::new(&p.destination.endpoints, &self.endpoints));
                 Arc::new(Route {
                     name,
+                    mtls_identity: Route::mtls_identity_of(p),
                     policy: p.clone(),
                     budget,
                     balancer,
@@ -95,13 +99,18 @@ impl PolicyStore {
             .collect();
         *budgets = keep_budgets;
         self.endpoints.retain(&all_endpoints);
-        let inbound_opaque_ports = set
+        let inbound_servers: Vec<policy::ServerPolicy> = set
             .server
             .iter()
             .filter(|s| {
-                s.selector.service_account.is_none()
-                    || s.selector.service_account == self.service_account
+                s.namespace == self.scope.namespace
+                    && (s.selector.service_account.is_none()
+                        || s.selector.service_account == self.service_account)
             })
+            .cloned()
+            .collect();
+        let inbound_opaque_ports = inbound_servers
+            .iter()
             .flat_map(|s| s.opaque_ports.iter().copied())
             .collect();
         let snapshot = Snapshot {
@@ -111,6 +120,7 @@ impl PolicyStore {
             routes: RouteTable::new(routes, self.default_route.clone(), &self.scope),
             set,
             inbound_opaque_ports,
+            inbound_servers,
         };
         self.tx.send_replace(Arc::new(snapshot));
     }

@@ -4,13 +4,13 @@
 //! the identity the peer must prove. [`Connector`] dials one; [`Pool`] keeps HTTP connections per
 //! (endpoint, identity) and reuses them across client connections: HTTP/2 multiplexed over one
 //! connection, HTTP/1.1 as a set of idle keep-alive connections. Opaque TCP dials a fresh
-//! connection per client connection. TLS slots in at [`Connector::connect`], which already hands
-//! out a type-erased stream.
+//! connection per client connection. Mutual TLS happens in [`Connector::connect`] for endpoints
+//! that name an identity; everything above it sees a type-erased stream.
 
 mod connect;
 mod pool;
 
-pub use connect::Connector;
+pub use connect::{ANY_MESH_IDENTITY, Connector};
 pub use pool::{HttpVersion, Pool, PoolConfig};
 
 use std::fmt;

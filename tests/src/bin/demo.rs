@@ -20,16 +20,12 @@ fn main() -> ExitCode {
     // The control plane runs in a pod of its own; every sidecar follows it.
     let control = mesh.pod("control");
     control.start_control_plane(&mesh.log_dir().join("control-state"));
-    let url = control.control_url();
+    // Every sidecar joins the mesh with a join token: its certificate comes from the control
+    // plane's CA before it reports ready.
     let sidecar = |pod: &Pod, sa: &str| {
-        pod.start_sidecar(&[
-            "--control-plane",
-            &url,
-            "--workload",
-            &format!("default/{}", pod.name),
-            "--service-account",
-            sa,
-        ]);
+        let flags = control.mesh_flags(&mesh, &format!("default/{}", pod.name), sa);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        pod.start_sidecar(&flags);
     };
     let reviews = mesh.pod("reviews");
     reviews.spawn_app(&["http", "--listen", "0.0.0.0:9080", "--name", "reviews"]);

@@ -120,6 +120,7 @@ impl Mesh {
             calls: AtomicU32::new(0),
             apps: Mutex::default(),
             proxy: Mutex::default(),
+            control_state: Mutex::default(),
             ns,
         }
     }
@@ -174,8 +175,14 @@ pub struct Pod {
     // Processes are declared before the namespace so that they are stopped before it is deleted.
     apps: Mutex<Vec<Proc>>,
     proxy: Mutex<Option<Proc>>,
+    /// The state dir of the control plane running in this pod, if any (the CLI's credential).
+    control_state: Mutex<Option<PathBuf>>,
     ns: Netns,
 }
+
+/// The control plane's identity with the defaults (`--trust-domain cluster.local`,
+/// `--namespace trellis-system`).
+pub const CONTROL_IDENTITY: &str = "spiffe://cluster.local/ns/trellis-system/sa/trellis-control";
 
 /// What `curl` saw.
 #[derive(Debug)]
@@ -274,6 +281,12 @@ impl Pod {
     /// Starts `trellis-control serve` in this pod (port 7443, admin 9990) with `state_dir`, and
     /// waits until it accepts connections.
     pub fn start_control_plane(&self, state_dir: &std::path::Path) {
+        self.start_control_plane_with(state_dir, &[]);
+    }
+
+    /// `start_control_plane` with extra `serve` flags.
+    pub fn start_control_plane_with(&self, state_dir: &std::path::Path, extra: &[&str]) {
+        *self.control_state.lock().expect("state lock") = Some(state_dir.to_path_buf());
         let mut cmd = self.ns.command(&control_bin().to_string_lossy());
         cmd.args([
             "serve",
@@ -283,7 +296,8 @@ impl Pod {
             "127.0.0.1:9990",
             "--state-dir",
         ])
-        .arg(state_dir);
+        .arg(state_dir)
+        .args(extra);
         self.spawn_and_wait(
             "control plane",
             cmd,
@@ -293,12 +307,64 @@ impl Pod {
 
     /// The control plane's URL for proxies in other pods.
     pub fn control_url(&self) -> String {
-        format!("http://{}:7443", self.ip)
+        format!("https://{}:7443", self.ip)
     }
 
-    /// Runs the `trellis-control` CLI in this pod (against 127.0.0.1:7443 unless `--server`).
+    /// The flags a sidecar needs to follow this pod's control plane: its URL and the trust
+    /// anchors (copied where the proxy UID can read them).
+    pub fn control_flags(&self, mesh: &Mesh) -> Vec<String> {
+        let state = self.control_state.lock().expect("state lock").clone();
+        let state = state.expect("no control plane started in this pod");
+        let ca = std::fs::read_to_string(state.join("ca.pem")).expect("read ca.pem");
+        let anchors = mesh.write_file(&format!("{}-trust-anchors.pem", self.name), &ca);
+        vec![
+            "--control-plane".into(),
+            self.control_url(),
+            "--trust-anchors".into(),
+            anchors.to_string_lossy().into_owned(),
+        ]
+    }
+
+    /// Creates a join token for `identity` (NS/SA) with this pod's control plane and writes it
+    /// to a file the proxy UID can read.
+    pub fn join_token_file(&self, mesh: &Mesh, identity: &str) -> PathBuf {
+        let out = self.control(&["token", "create", "--identity", identity, "--ttl", "1h"]);
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        mesh.write_file(&format!("token-{}", identity.replace('/', "-")), &token)
+    }
+
+    /// The flags of a meshed sidecar for workload `ns/name` with service account `sa`: policy
+    /// and a certificate from this pod's control plane (a join token for `ns/sa`).
+    pub fn mesh_flags(&self, mesh: &Mesh, workload: &str, sa: &str) -> Vec<String> {
+        let ns = workload.split_once('/').map_or("default", |(ns, _)| ns);
+        let token = self.join_token_file(mesh, &format!("{ns}/{sa}"));
+        let mut flags = self.control_flags(mesh);
+        flags.extend([
+            "--identity-token-file".into(),
+            token.to_string_lossy().into_owned(),
+            "--workload".into(),
+            workload.into(),
+            "--service-account".into(),
+            sa.into(),
+        ]);
+        flags
+    }
+
+    /// Runs the `trellis-control` CLI in this pod, with the credential of the control plane
+    /// started here (its state dir), as an operator on the control plane's host would.
     pub fn control(&self, args: &[&str]) -> Output {
-        self.ns.exec(&control_bin().to_string_lossy(), args)
+        let mut cmd = self.ns.command(&control_bin().to_string_lossy());
+        cmd.args(args);
+        if let Some(dir) = self.control_state.lock().expect("state lock").as_ref() {
+            cmd.env("TRELLIS_STATE_DIR", dir);
+        }
+        cmd.output()
+            .unwrap_or_else(|e| panic!("running trellis-control in {}: {e}", self.name))
     }
 
     /// Starts `trellis-testapp ARGS` and waits until it accepts connections on its `--listen`.

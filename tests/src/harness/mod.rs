@@ -24,7 +24,7 @@ mod netns;
 mod process;
 
 pub use bins::{control_bin, proxy_bin, testapp_bin};
-pub use mesh::{CurlResult, Mesh, Pod};
+pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
 pub use metrics::Scrape;
 pub use netns::Netns;
 pub use process::Proc;
