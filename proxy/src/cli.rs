@@ -388,6 +388,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 2s): {e}"))
 }
 
+fn parse_control_plane(s: &str) -> Result<String, String> {
+    match s.split_once("://") {
+        Some(("https", rest)) if !rest.is_empty() => Ok(s.to_string()),
+        Some(("http", _)) => Err(
+            "the control plane speaks TLS only (a token is never sent over plaintext): use https://HOST:PORT"
+                .into(),
+        ),
+        _ => Err("expected https://HOST:PORT".into()),
+    }
+}
+
 fn parse_workload(s: &str) -> Result<String, String> {
     match s.split_once('/') {
         Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
@@ -474,16 +485,5 @@ mod tests {
         );
         let err = Cli::try_parse_from(["trellis-proxy", "--workload", "nope"]).unwrap_err();
         assert!(err.to_string().contains("NAMESPACE/NAME"));
-    }
-}
-
-fn parse_control_plane(s: &str) -> Result<String, String> {
-    match s.split_once("://") {
-        Some(("https", rest)) if !rest.is_empty() => Ok(s.to_string()),
-        Some(("http", _)) => Err(
-            "the control plane speaks TLS only (a token is never sent over plaintext): use https://HOST:PORT"
-                .into(),
-        ),
-        _ => Err("expected https://HOST:PORT".into()),
     }
 }

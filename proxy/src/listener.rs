@@ -214,14 +214,14 @@ impl Listener {
         };
         self.metrics.detected(&mut conn_metrics, protocol.as_str());
         let io = PrefixedIo::new(buf.freeze(), io);
-        // Plaintext into a server whose policy requires mutual TLS (or lists identities).
-        let denied = inbound::authorize(server_policy.as_ref(), None).err();
-        if let Some(reason) = &denied {
+        // Opaque plaintext into a server whose policy requires mutual TLS (or lists
+        // identities) is closed; HTTP requests are refused one by one (403, forward.rs).
+        if protocol == Protocol::Opaque
+            && let Err(reason) = inbound::authorize(server_policy.as_ref(), None)
+        {
             self.metrics.error(direction, "unauthorized");
             tracing::warn!(direction = direction.as_str(), %client, dst = ?orig_dst, error = "unauthorized", %reason, "plaintext connection refused");
-            if protocol == Protocol::Opaque {
-                return;
-            }
+            return;
         }
 
         match protocol {
@@ -257,8 +257,7 @@ impl Listener {
                 }
             },
             Protocol::Http1 | Protocol::Http2 => {
-                let mut info = ConnInfo::plain(client, orig_dst, protocol);
-                info.denied = denied;
+                let info = ConnInfo::plain(client, orig_dst, protocol);
                 tokio::select! {
                     _ = http::serve(io, self.http.clone(), info, drain) => {}
                     _ = activity.expired(self.config.idle_timeout) => {
@@ -307,11 +306,6 @@ impl Listener {
             tracing::warn!(%client, error = "unauthorized", "mesh peer certificate has no workload SPIFFE ID; closing");
             return;
         };
-        let denied = inbound::authorize(policy, Some(&peer)).err();
-        if let Some(reason) = &denied {
-            self.metrics.error(direction, "unauthorized");
-            tracing::warn!(%client, peer = %peer, dst = ?orig_dst, error = "unauthorized", %reason, "mesh peer refused");
-        }
         let protocol = match alpn.as_deref() {
             Some(ALPN_H2) => Protocol::Http2,
             Some(ALPN_H1) => Protocol::Http1,
@@ -319,7 +313,9 @@ impl Listener {
         };
         match protocol {
             Protocol::Opaque => {
-                if denied.is_some() {
+                if let Err(reason) = inbound::authorize(policy, Some(&peer)) {
+                    self.metrics.error(direction, "unauthorized");
+                    tracing::warn!(%client, peer = %peer, dst = ?orig_dst, error = "unauthorized", %reason, "mesh connection refused");
                     return;
                 }
                 let Ok(orig_dst) = orig_dst else { return };
@@ -341,7 +337,7 @@ impl Listener {
             Protocol::Http1 | Protocol::Http2 => {
                 let mut info = ConnInfo::plain(client, orig_dst, protocol);
                 info.peer = Some(Arc::from(peer.to_string()));
-                info.denied = denied;
+                info.peer_id = Some(peer);
                 tokio::select! {
                     _ = http::serve(stream, self.http.clone(), info, drain) => {}
                     _ = activity.expired(self.config.idle_timeout) => {

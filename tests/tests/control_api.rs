@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::pem::PemObject;
@@ -22,7 +22,7 @@ use trellis_proto::pb::{
 };
 use trellis_proto::policy::PolicySet;
 use trellis_proto::wire;
-use trellis_tests::harness::{CONTROL_IDENTITY, Mesh, control_bin};
+use trellis_tests::harness::{CONTROL_IDENTITY, ControlPlane, Mesh};
 
 // ---- a scripted control plane ----
 
@@ -191,95 +191,6 @@ fn a_snapshot_the_proxy_cannot_apply_is_nacked_and_the_previous_config_stays() {
 }
 
 // ---- the real control plane, on loopback, with simulated proxies ----
-
-struct ControlPlane {
-    child: Child,
-    url: String,
-    dir: std::path::PathBuf,
-}
-
-impl ControlPlane {
-    fn start(name: &str) -> Self {
-        let port = free_port();
-        let admin = free_port();
-        let dir = std::env::temp_dir().join(format!("trellis-cp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let child = Command::new(control_bin())
-            .args([
-                "serve",
-                "--grpc-addr",
-                &format!("127.0.0.1:{port}"),
-                "--admin-addr",
-                &format!("127.0.0.1:{admin}"),
-                "--state-dir",
-            ])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start trellis-control");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "control plane not listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self {
-            child,
-            url: format!("https://127.0.0.1:{port}"),
-            dir,
-        }
-    }
-
-    /// A channel to the control plane over TLS; with the admin credential of its state dir
-    /// when `admin`, else anonymous (as a proxy before its first certificate).
-    fn channel(&self, admin: bool) -> tonic::transport::Channel {
-        let ca = std::fs::read(self.dir.join("ca.pem")).unwrap();
-        let config = if admin {
-            let cert = std::fs::read(self.dir.join("admin-cert.pem")).unwrap();
-            let key = std::fs::read(self.dir.join("admin-key.pem")).unwrap();
-            trellis_identity::tls::Credentials::from_pem(&cert, &key, &ca)
-                .unwrap()
-                .client_config(&[b"h2"])
-                .unwrap()
-        } else {
-            let roots = trellis_identity::tls::roots_from_pem(&ca).unwrap();
-            trellis_identity::tls::client_config(std::sync::Arc::new(roots), None, &[b"h2"])
-                .unwrap()
-        };
-        trellis_identity::grpc::channel(
-            &self.url,
-            std::sync::Arc::new(move || config.clone()),
-            std::sync::Arc::new(|_| Ok(())),
-        )
-        .unwrap()
-    }
-
-    fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(control_bin())
-            .args(args)
-            .args(["--server", &self.url])
-            .arg("--state-dir")
-            .arg(&self.dir)
-            .output()
-            .expect("run trellis-control")
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A simulated proxy: subscribes, then ACKs every snapshot (or NACKs with `nack`), reporting
 /// (version, time received) for each.

@@ -156,7 +156,7 @@ fn meshed_calls_are_mutual_tls_and_the_app_sees_the_callers_identity() {
     assert_eq!(headers_seen(&rsp)["trellis-peer-identity"], CLIENT_ID);
     let echo = m.client.testapp(&[
         "tcp-call",
-        "--addr",
+        "--connect",
         &m.server.addr(9000).to_string(),
         "--send",
         "over mtls",
@@ -203,7 +203,8 @@ fn meshed_calls_are_mutual_tls_and_the_app_sees_the_callers_identity() {
         "--requests",
         "1000",
         "--concurrency",
-        "1000",
+        "20",
+        "--fresh-connections",
     ]);
     assert_eq!(load["failed"], 0, "{load}");
     let s = m.server.metrics();
@@ -304,6 +305,7 @@ fn openssl_sees_the_spiffe_certificate_and_strict_refuses_other_clients() {
     assert!(
         out.contains("unknown ca")
             || out.contains("alert number 48")
+            || out.contains("alert number 51")
             || out.contains("bad certificate"),
         "{out}"
     );
@@ -332,7 +334,7 @@ fn plaintext_is_refused_by_strict_servers_and_served_by_permissive_ones() {
         &trellis_tests::harness::testapp_bin().to_string_lossy(),
         &[
             "tcp-call",
-            "--addr",
+            "--connect",
             &m.server.addr(9000).to_string(),
             "--send",
             "hello",
@@ -354,7 +356,9 @@ fn plaintext_is_refused_by_strict_servers_and_served_by_permissive_ones() {
     );
     let log = m.server.proxy_log();
     assert!(
-        log.contains("plaintext connection refused") && log.contains(&outsider.ip.to_string()),
+        log.contains("plaintext connection refused")
+            && log.contains("request refused")
+            && log.contains(&outsider.ip.to_string()),
         "the refusal names the peer: {log}"
     );
 
@@ -396,7 +400,7 @@ fn only_allowed_identities_get_in() {
     );
     let echo = m.client.testapp(&[
         "tcp-call",
-        "--addr",
+        "--connect",
         &m.server.addr(9000).to_string(),
         "--send",
         "let me in",
@@ -562,4 +566,89 @@ fn the_current_certificate_keeps_serving_while_the_ca_is_away() {
         issued(&m.client, "ok") > before
     });
     assert_eq!(m.get("/").status, 200);
+}
+
+#[test]
+fn an_identity_dir_is_used_and_reloaded_when_it_changes() {
+    let Some(mesh) = Mesh::new("mtls_identity_dir") else {
+        return;
+    };
+    let control = mesh.pod("control");
+    let state = mesh.log_dir().join("control-state");
+    control.start_control_plane(&state);
+    let ca = trellis_identity::ca::Ca::load(
+        &std::fs::read_to_string(state.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(state.join("ca-key.pem")).unwrap(),
+        "cluster.local",
+    )
+    .unwrap();
+    // cert-manager (here: the test) writes the server's credentials into a directory.
+    let dir = mesh.log_dir().join("server-identity");
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |ttl: u64| {
+        let id = trellis_identity::SpiffeId::new("cluster.local", "default", "server");
+        let (issued, key) = ca.issue(&id, Duration::from_secs(ttl), &[], &[]).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+        std::fs::write(dir.join("cert.pem"), issued.chain_pem).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.bundle_pem()).unwrap();
+    };
+    write(600);
+    let server = mesh.pod("server");
+    server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
+    let mut flags = control.control_flags(&mesh);
+    flags.extend(
+        [
+            "--identity-dir",
+            &dir.to_string_lossy(),
+            "--workload",
+            "default/server",
+            "--service-account",
+            "server",
+        ]
+        .map(String::from),
+    );
+    server.start_sidecar(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let client = mesh.pod("client");
+    let flags = control.mesh_flags(&mesh, "default/client", "client");
+    client.start_sidecar(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let policy = (mtls_to_server(SERVER_ID) + &server_policy("strict", None))
+        .replace("SERVER", &server.ip.to_string());
+    let file = mesh.write_file("policy.yaml", &policy);
+    let out = control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]);
+    assert!(out.status.success());
+    let get = || client.curl(&[&server.url(8080, "/headers")]);
+    assert_eq!(headers_seen(&get())["trellis-peer-identity"], CLIENT_ID);
+    let expiry = || {
+        server
+            .metrics()
+            .sum("trellis_identity_expiry_timestamp_seconds", &[])
+    };
+    let first = expiry();
+
+    // A half-written update (a key that does not match) is refused; the certificate stays.
+    std::fs::write(dir.join("key.pem"), rcgen_free_key(&ca)).unwrap();
+    wait_for(
+        "the bad update to be refused",
+        Duration::from_secs(10),
+        || {
+            server.metrics().sum(
+                "trellis_identity_certificates_total",
+                &[("result", "error")],
+            ) >= 1.0
+        },
+    );
+    assert_eq!(expiry(), first);
+    assert_eq!(get().status, 200);
+    // A complete new set is picked up.
+    write(1200);
+    wait_for("the new certificate", Duration::from_secs(10), || {
+        expiry() > first + 500.0
+    });
+    assert_eq!(get().status, 200);
+}
+
+/// A key that belongs to no certificate in the directory.
+fn rcgen_free_key(ca: &trellis_identity::ca::Ca) -> String {
+    let id = trellis_identity::SpiffeId::new("cluster.local", "default", "other");
+    ca.issue(&id, Duration::from_secs(60), &[], &[]).unwrap().1
 }

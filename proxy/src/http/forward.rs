@@ -33,6 +33,7 @@ use crate::balance::Verdict;
 use crate::cli::AccessLog;
 use crate::detect::Protocol;
 use crate::error::{ERROR_HEADER, ProxyError};
+use crate::inbound;
 use crate::metrics::{Direction, Metrics};
 use crate::policy::PolicyStore;
 use crate::policy::routes::Route;
@@ -128,11 +129,17 @@ impl Forwarder {
             _ => HttpVersion::Http1,
         };
         if self.direction == Direction::inbound {
-            if let Some(reason) = &conn.denied {
+            // Authorized per request, against the policy in force now: a long-lived mesh
+            // connection follows policy changes.
+            let verdict = {
+                let snapshot = self.policies.current();
+                let policy = inbound::policy_for(&snapshot.inbound_servers, orig_dst.port());
+                inbound::authorize(policy, conn.peer_id.as_ref())
+            };
+            if let Err(reason) = verdict {
+                tracing::warn!(direction = "inbound", client = %conn.client, peer = conn.peer.as_deref().unwrap_or("plaintext"), dst = %orig_dst, error = "unauthorized", %reason, "request refused");
                 let outcome = Outcome {
-                    result: Err(ProxyError::Unauthorized {
-                        reason: reason.clone(),
-                    }),
+                    result: Err(ProxyError::Unauthorized { reason }),
                     attempts: 0,
                     route: None,
                     endpoint: orig_dst,

@@ -44,10 +44,10 @@ pub struct ConnInfo {
     /// `no-original-destination`).
     pub orig_dst: Result<SocketAddr, String>,
     pub protocol: Protocol,
-    /// Inbound over mesh TLS: the client's verified SPIFFE ID.
+    /// Inbound over mesh TLS: the client's verified SPIFFE ID (and its text, for headers and
+    /// metrics). Each request is authorized against the ServerPolicy in force when it arrives.
     pub peer: Option<Arc<str>>,
-    /// Inbound: why the server policy refuses this client's requests (403 `unauthorized`).
-    pub denied: Option<String>,
+    pub peer_id: Option<trellis_identity::SpiffeId>,
 }
 
 impl ConnInfo {
@@ -61,7 +61,7 @@ impl ConnInfo {
             orig_dst,
             protocol,
             peer: None,
-            denied: None,
+            peer_id: None,
         }
     }
 }

@@ -46,9 +46,12 @@ pub async fn follow(
     let mut announced_first = false;
     loop {
         let mut delivered = false;
+        let upstream = Upstream {
+            url: &url,
+            channel: channel.clone(),
+        };
         match session(
-            &url,
-            channel.clone(),
+            upstream,
             &identity,
             &store,
             &metrics,
@@ -78,9 +81,14 @@ pub async fn follow(
     }
 }
 
-async fn session(
-    url: &str,
+/// The control plane a session talks to.
+struct Upstream<'a> {
+    url: &'a str,
     channel: Channel,
+}
+
+async fn session(
+    upstream: Upstream<'_>,
     identity: &Identity,
     store: &PolicyStore,
     metrics: &Metrics,
@@ -88,6 +96,7 @@ async fn session(
     announced_first: &mut bool,
     delivered: &mut bool,
 ) -> Result<(), String> {
+    let Upstream { url, channel } = upstream;
     let mut client = ConfigServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(8);
     let held = store.current();

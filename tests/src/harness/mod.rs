@@ -17,13 +17,17 @@
 //! dropped, also when a test fails; namespaces left by a killed test run are swept at the next
 //! start. Traffic never leaves the machine: all addresses live inside the test's namespaces.
 
+mod apiserver;
 mod bins;
+mod control;
 mod mesh;
 mod metrics;
 mod netns;
 mod process;
 
+pub use apiserver::FakeApiServer;
 pub use bins::{control_bin, proxy_bin, testapp_bin};
+pub use control::{ControlPlane, free_port};
 pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
 pub use metrics::Scrape;
 pub use netns::Netns;

@@ -212,14 +212,25 @@ pub(crate) async fn ws_call(
 
 // ---- load ----
 
+/// How many requests, over how many connections at once, and whether each gets its own.
+pub(crate) struct LoadShape {
+    pub requests: u64,
+    pub concurrency: u64,
+    pub fresh_connections: bool,
+}
+
 pub(crate) async fn load(
     url: http::Uri,
     host: Option<String>,
-    requests: u64,
-    concurrency: u64,
+    shape: LoadShape,
     method: String,
     body_bytes: usize,
 ) -> Result<(), BoxError> {
+    let LoadShape {
+        requests,
+        concurrency,
+        fresh_connections,
+    } = shape;
     use std::sync::atomic::{AtomicU64, Ordering};
     let addr = format!(
         "{}:{}",
@@ -253,6 +264,9 @@ pub(crate) async fn load(
         workers.push(tokio::spawn(async move {
             let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
             while next.fetch_add(1, Ordering::Relaxed) < requests {
+                if fresh_connections {
+                    sender = None;
+                }
                 if sender.as_ref().is_none_or(|s| s.is_closed()) {
                     sender = match TcpStream::connect(&addr).await {
                         Ok(stream) => {

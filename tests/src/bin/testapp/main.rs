@@ -95,6 +95,9 @@ enum Cmd {
         method: String,
         #[arg(long, default_value_t = 0)]
         body_bytes: usize,
+        /// A new connection for every request (no keep-alive).
+        #[arg(long)]
+        fresh_connections: bool,
     },
     /// Open a TCP connection: optionally read a banner first, send data, half-close, read to EOF.
     TcpCall {
@@ -153,7 +156,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             concurrency,
             method,
             body_bytes,
-        } => clients::load(url, host, requests, concurrency, method, body_bytes).await,
+            fresh_connections,
+        } => {
+            let shape = clients::LoadShape {
+                requests,
+                concurrency,
+                fresh_connections,
+            };
+            clients::load(url, host, shape, method, body_bytes).await
+        }
         Cmd::TcpCall {
             connect,
             send,
