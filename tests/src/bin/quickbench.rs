@@ -1,7 +1,8 @@
 //! `trellis-quickbench`: early performance signals through real pods (not part of the test
 //! suite; numbers go in the README). Measures `wrk -t1 -c50` against the test HTTP app directly
-//! (pods without sidecars) and through both sidecars, plus the proxies' idle and loaded RSS and
-//! CPU time per request. The side-by-side benchmark against haproxy is a separate, later tool.
+//! (pods without sidecars), through both sidecars in plaintext, and through both sidecars over
+//! mutual TLS (certificates from a control plane), plus the proxies' idle and loaded RSS and CPU
+//! time per request. The side-by-side benchmark against haproxy is a separate, later tool.
 //!
 //! Usage: trellis-quickbench [SECONDS]   (root; wrk installed)
 
@@ -39,23 +40,58 @@ fn main() -> ExitCode {
 
     let direct = wrk(&plain_client, &plain_server.url(8080, "/"), secs);
     println!("direct          : {direct}");
-    let cpu_before = (cpu_ticks(&client), cpu_ticks(&server));
-    let meshed = wrk(&client, &server.url(8080, "/"), secs);
-    let cpu_after = (cpu_ticks(&client), cpu_ticks(&server));
-    println!("through 2 sidecars: {meshed}");
-    let ticks = procfs_ticks_per_second();
-    let requests = meshed.requests.max(1.0);
+    measure("through 2 sidecars", &client, &server, secs);
+
+    // The same over mutual TLS: identities from a control plane, a strict server.
+    let control = mesh.pod("control");
+    control.start_control_plane(&mesh.log_dir().join("control-state"));
+    let tls_server = mesh.pod("tls-server");
+    tls_server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "mtls"]);
+    let tls_client = mesh.pod("tls-client");
+    for (pod, sa) in [(&tls_server, "server"), (&tls_client, "client")] {
+        let mut flags = control.mesh_flags(&mesh, &format!("default/{sa}"), sa);
+        flags.extend(["--access-log".into(), "off".into()]);
+        pod.start_sidecar(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    let policy = format!(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: server}}\nspec:\n  \
+         destination: {{addresses: [\"{}\"]}}\n  \
+         tls: {{mode: mutual, serverIdentity: spiffe://cluster.local/ns/default/sa/server}}\n---\n\
+         apiVersion: trellis.dev/v1alpha1\nkind: ServerPolicy\nmetadata: {{name: server}}\nspec: {{selector: {{serviceAccount: server}}, mtls: strict}}\n",
+        tls_server.addr(8080)
+    );
+    let file = mesh.write_file("mtls.yaml", &policy);
+    let out = control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    measure("over mutual TLS", &tls_client, &tls_server, secs);
     println!(
-        "CPU per request: client proxy {:.1} µs, server proxy {:.1} µs",
+        "mesh handshakes accepted by the server proxy: {}",
+        tls_server
+            .metrics()
+            .sum("trellis_tls_handshakes_total", &[("direction", "inbound")])
+    );
+    ExitCode::SUCCESS
+}
+
+/// wrk from `client` to `server`'s app through both sidecars; throughput, latency, CPU per
+/// request of each proxy, and their RSS afterwards.
+fn measure(label: &str, client: &Pod, server: &Pod, secs: u32) {
+    let cpu_before = (cpu_ticks(client), cpu_ticks(server));
+    let result = wrk(client, &server.url(8080, "/"), secs);
+    let cpu_after = (cpu_ticks(client), cpu_ticks(server));
+    println!("{label}: {result}");
+    let ticks = procfs_ticks_per_second();
+    let requests = result.requests.max(1.0);
+    println!(
+        "  CPU per request: client proxy {:.1} µs, server proxy {:.1} µs",
         (cpu_after.0 - cpu_before.0) as f64 / ticks * 1e6 / requests,
         (cpu_after.1 - cpu_before.1) as f64 / ticks * 1e6 / requests,
     );
     println!(
-        "RSS after load: client proxy {} kB, server proxy {} kB",
+        "  RSS after load: client proxy {} kB, server proxy {} kB",
         client.proxy_status_kb("VmRSS"),
         server.proxy_status_kb("VmRSS")
     );
-    ExitCode::SUCCESS
 }
 
 struct WrkResult {
