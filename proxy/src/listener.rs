@@ -155,7 +155,7 @@ impl Listener {
             }
             _ => None,
         };
-        drop(snapshot);
+        let snapshot = (direction == Direction::outbound).then_some(snapshot);
 
         let mut buf = BytesMut::new();
         let opaque_port = orig_dst
@@ -239,6 +239,7 @@ impl Listener {
                         orig_dst,
                         route,
                         idle_timeout,
+                        snapshot,
                     };
                     tcp::forward(
                         io,
@@ -257,6 +258,8 @@ impl Listener {
                 }
             },
             Protocol::Http1 | Protocol::Http2 => {
+                // Each request reads the snapshot in force when it arrives.
+                drop(snapshot);
                 let info = ConnInfo::plain(client, orig_dst, protocol);
                 tokio::select! {
                     _ = http::serve(io, self.http.clone(), info, drain) => {}
@@ -323,6 +326,7 @@ impl Listener {
                     orig_dst,
                     route: None,
                     idle_timeout: self.config.idle_timeout,
+                    snapshot: None,
                 };
                 tcp::forward(
                     stream,

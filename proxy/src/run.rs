@@ -205,6 +205,7 @@ async fn serve(
             service_account: args.service_account.clone().unwrap_or_default(),
             pod_name: args.pod_name.clone().unwrap_or_default(),
             pod_ip: args.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            plaintext_ports: vec![u32::from(args.admin_addr.port())],
         };
         let anchors = trust_anchors(&args)?;
         let control_identity: SpiffeId = args
@@ -213,14 +214,23 @@ async fn serve(
             .map_err(|e| RunError::Identity(format!("--control-plane-identity: {e}")))?;
         let channel = control::channel(&url, &anchors, control_identity, identity.clone())
             .map_err(RunError::Identity)?;
-        tokio::spawn(control::follow(
+        let follow = control::follow(
             url.clone(),
             channel,
             who,
             policies.clone(),
             metrics.clone(),
             first_snapshot.clone(),
-        ));
+        );
+        let mut identity = identity.clone();
+        tokio::spawn(async move {
+            // A proxy with an identity subscribes with its certificate, so the control plane
+            // knows it is meshed (and which workload it may subscribe as).
+            if needs_identity {
+                identity.ready().await;
+            }
+            follow.await
+        });
     }
     let idle_timeout = Some(args.idle_timeout).filter(|d| !d.is_zero());
     let own_ports = vec![

@@ -14,6 +14,7 @@ use crate::balance::Verdict;
 use crate::cli::AccessLog;
 use crate::error::ProxyError;
 use crate::io::{Activity, BoxIo, Io};
+use crate::policy::Snapshot;
 use crate::policy::routes::Route;
 use crate::retry::{self, Budget, Failure};
 use crate::transport::{Connector, Endpoint};
@@ -25,6 +26,9 @@ pub struct TcpTarget {
     /// the retry budget that goes with it.
     pub route: Option<(Arc<Route>, Arc<Budget>)>,
     pub idle_timeout: Option<Duration>,
+    /// Outbound: the policy snapshot the route came from, for the per-endpoint mutual-TLS
+    /// decision (meshed pods).
+    pub snapshot: Option<Arc<Snapshot>>,
 }
 
 /// Connects to the target and copies bytes both ways until both directions are done.
@@ -108,10 +112,11 @@ async fn connect(
             None => (target.orig_dst, None),
         };
         tried.push(addr);
-        let endpoint = Endpoint {
-            addr,
-            identity: route.mtls_identity.clone(),
+        let identity = match &target.snapshot {
+            Some(s) => s.mtls_identity(route, addr, connector.has_identity()),
+            None => route.mtls_identity.clone(),
         };
+        let endpoint = Endpoint { addr, identity };
         let result = connector.connect(&endpoint, "opaque").await;
         match result {
             Ok(io) => {

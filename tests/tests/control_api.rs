@@ -76,6 +76,7 @@ fn snapshot(version: &str, yaml: &str) -> Snapshot {
         nonce: format!("n{version}"),
         traffic: set.traffic.iter().map(wire::traffic_to_wire).collect(),
         server: set.server.iter().map(wire::server_to_wire).collect(),
+        meshed: Vec::new(),
     }
 }
 

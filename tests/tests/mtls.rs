@@ -652,3 +652,56 @@ fn rcgen_free_key(ca: &trellis_identity::ca::Ca) -> String {
     let id = trellis_identity::SpiffeId::new("cluster.local", "default", "other");
     ca.issue(&id, Duration::from_secs(60), &[], &[]).unwrap().1
 }
+
+#[test]
+fn meshed_pods_are_called_over_mutual_tls_without_a_traffic_policy() {
+    // Only a strict ServerPolicy: no TrafficPolicy asks for TLS.
+    let Some(m) = meshed("mtls_auto", &[], &server_policy("strict", None)) else {
+        return;
+    };
+    // The control plane told the client's proxy that the server's pod is meshed, and as whom.
+    wait_for(
+        "the server pod to be known as meshed",
+        Duration::from_secs(10),
+        || {
+            let config: serde_json::Value =
+                serde_json::from_str(&m.client.admin_get("/config").1).unwrap_or_default();
+            config["meshedPods"].as_u64() >= Some(2)
+        },
+    );
+    let rsp = m.get("/headers");
+    assert_eq!(rsp.status, 200, "{rsp:?}");
+    assert_eq!(headers_seen(&rsp)["trellis-peer-identity"], CLIENT_ID);
+    let echo = m.client.testapp(&[
+        "tcp-call",
+        "--connect",
+        &m.server.addr(9000).to_string(),
+        "--send",
+        "auto",
+    ]);
+    assert_eq!(echo["received"], "auto", "{echo}");
+    assert_eq!(
+        m.client.metrics().sum(
+            "trellis_requests_total",
+            &[("direction", "outbound"), ("peer_identity", SERVER_ID)]
+        ),
+        1.0
+    );
+    // The meshed pod's admin port stays plaintext (kubelet, Prometheus).
+    assert_eq!(m.client.curl(&[&m.server.url(4191, "/live")]).status, 200);
+    // A TrafficPolicy can still turn TLS off for a destination: the strict server refuses.
+    m.apply(
+        &("apiVersion: trellis.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: plain}
+spec:
+  destination: {addresses: [\"SERVER:8080\"]}
+  tls: {mode: disabled}
+"
+        .to_string()
+            + &server_policy("strict", None)),
+    );
+    let rsp = m.get("/headers");
+    assert_eq!(rsp.status, 403, "{rsp:?}");
+    assert_eq!(rsp.header("trellis-error"), Some("unauthorized"));
+}

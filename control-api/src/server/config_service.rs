@@ -15,7 +15,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_proto::pb::config_service_server::ConfigService;
-use trellis_proto::pb::{ProxyMessage, Snapshot, proxy_message};
+use trellis_proto::pb::{self, ProxyMessage, Snapshot, proxy_message};
 
 use super::{Hub, ProxyRecord, now_ms};
 use crate::tls::PeerInfo;
@@ -112,12 +112,29 @@ impl ConfigService for ConfigServer {
         );
         drop(proxies);
         self.hub.metrics.proxy_connected(1);
-        tracing::info!(%id, held = ?held, "proxy subscribed");
+        // A proxy that proved a mesh identity makes its pod a mutual-TLS destination for others.
+        let meshed_as = info.identity.as_ref().map(|identity| {
+            let ip = sub
+                .pod_ip
+                .parse::<std::net::IpAddr>()
+                .ok()
+                .or(info.addr.map(|a| a.ip()));
+            pb::MeshedEndpoint {
+                ip: ip.map(|ip| ip.to_string()).unwrap_or_default(),
+                identity: identity.to_string(),
+                plaintext_ports: sub.plaintext_ports.clone(),
+            }
+        });
+        tracing::info!(%id, held = ?held, meshed = ?meshed_as.as_ref().map(|m| &m.identity), "proxy subscribed");
 
         let (tx, rx) = mpsc::channel(2);
         let hub = self.hub.clone();
         tokio::spawn(async move {
+            if let Some(endpoint) = meshed_as.filter(|e| !e.ip.is_empty()) {
+                hub.set_meshed(&id, Some(endpoint));
+            }
             serve_stream(&hub, &id, &sub.service_account, held, &mut incoming, tx).await;
+            hub.set_meshed(&id, None);
             if let Some(p) = hub.lock_proxies().get_mut(&id) {
                 p.connected = false;
                 p.last_seen_ms = now_ms();
@@ -138,6 +155,7 @@ async fn serve_stream(
     tx: mpsc::Sender<Result<Snapshot, Status>>,
 ) {
     let mut changes = hub.subscribe();
+    let mut mesh = hub.subscribe_mesh();
     let mut nonce = 0u64;
     let mut first = true;
     loop {
@@ -172,6 +190,13 @@ async fn serve_stream(
         first = false;
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
+            changed = mesh.changed() => {
+                if changed.is_err() { return }
+                // Pods come in bursts (a rollout, a restart of the control plane): one snapshot
+                // per burst, not one per pod.
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                mesh.borrow_and_update();
+            }
             msg = incoming.message() => match msg {
                 Ok(Some(msg)) => record_answer(hub, id, msg),
                 Ok(None) | Err(_) => return,

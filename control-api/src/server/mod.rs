@@ -51,11 +51,14 @@ pub struct Hub {
     proxies: Mutex<HashMap<String, ProxyRecord>>,
     /// Snapshots by service account for the current version: proxies of one workload share one.
     snapshots: Mutex<SnapshotCache>,
+    /// Pods whose proxy proved a mesh identity, by stream; announced on `mesh_changes`.
+    mesh: Mutex<BTreeMap<String, pb::MeshedEndpoint>>,
+    mesh_changes: watch::Sender<u64>,
     pub metrics: Arc<Metrics>,
 }
 
-/// (version, service account → (snapshot, content hash)).
-type SnapshotCache = (u64, HashMap<String, (Arc<pb::Snapshot>, u64)>);
+/// ((policy version, mesh generation), service account → (snapshot, content hash)).
+type SnapshotCache = ((u64, u64), HashMap<String, (Arc<pb::Snapshot>, u64)>);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -74,6 +77,8 @@ impl Hub {
             committed: Mutex::default(),
             proxies: Mutex::default(),
             snapshots: Mutex::default(),
+            mesh: Mutex::default(),
+            mesh_changes: watch::channel(0).0,
             metrics,
         })
     }
@@ -94,6 +99,32 @@ impl Hub {
         self.changes.subscribe()
     }
 
+    /// Announces membership changes of the mesh (pods with a verified identity).
+    pub fn subscribe_mesh(&self) -> watch::Receiver<u64> {
+        self.mesh_changes.subscribe()
+    }
+
+    /// Records that the proxy on stream `id` is meshed (or, with `None`, no longer).
+    pub fn set_meshed(&self, id: &str, endpoint: Option<pb::MeshedEndpoint>) {
+        let mut mesh = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match endpoint {
+            Some(e) => mesh.insert(id.to_string(), e.clone()) != Some(e),
+            None => mesh.remove(id).is_some(),
+        };
+        drop(mesh);
+        if changed {
+            self.mesh_changes.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// The meshed pods, one entry per IP (the latest stream wins), sorted.
+    fn meshed(&self) -> Vec<pb::MeshedEndpoint> {
+        let mesh = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        let by_ip: BTreeMap<&str, &pb::MeshedEndpoint> =
+            mesh.values().map(|e| (e.ip.as_str(), e)).collect();
+        by_ip.into_values().cloned().collect()
+    }
+
     /// Commits a change: persists it first, then puts it in force and announces it.
     /// Returns (version, what changed, proxies whose snapshot changed, commit time).
     pub fn commit(
@@ -107,6 +138,7 @@ impl Hub {
         }
         next.version = state.version + 1;
         self.store.save(&next)?;
+        let mesh_hash = mesh_hash(&self.meshed());
         // One hash per service account, not per proxy: proxies of a workload share snapshots.
         let mut hashes: HashMap<String, u64> = HashMap::new();
         let affected: Vec<String> = self
@@ -115,7 +147,7 @@ impl Hub {
             .filter(|p| {
                 let hash = *hashes
                     .entry(p.service_account.clone())
-                    .or_insert_with(|| snapshot_hash(&next, &p.service_account));
+                    .or_insert_with(|| snapshot_hash(&next, &p.service_account) ^ mesh_hash);
                 p.connected && p.sent_hash != Some(hash)
             })
             .map(|p| p.id.clone())
@@ -139,20 +171,23 @@ impl Hub {
     /// version and service account, however many proxies share them.
     pub fn snapshot_for(&self, service_account: &str) -> (Arc<pb::Snapshot>, u64) {
         let state = self.lock_state();
+        let generation = *self.mesh_changes.borrow();
         let mut cache = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.0 != state.version {
-            *cache = (state.version, HashMap::new());
+        if cache.0 != (state.version, generation) {
+            *cache = ((state.version, generation), HashMap::new());
         }
         if let Some((snapshot, hash)) = cache.1.get(service_account) {
             return (snapshot.clone(), *hash);
         }
-        let hash = snapshot_hash(&state, service_account);
+        let meshed = self.meshed();
+        let hash = snapshot_hash(&state, service_account) ^ mesh_hash(&meshed);
         let set = filtered(&state, service_account);
         let snapshot = Arc::new(pb::Snapshot {
             version: state.version.to_string(),
             nonce: String::new(),
             traffic: set.traffic.iter().map(wire::traffic_to_wire).collect(),
             server: set.server.iter().map(wire::server_to_wire).collect(),
+            meshed,
         });
         cache
             .1
@@ -189,8 +224,16 @@ fn filtered(state: &State, service_account: &str) -> PolicySet {
 
 fn snapshot_hash(state: &State, service_account: &str) -> u64 {
     let set = filtered(state, service_account);
-    let text = serde_json::to_string(&set).unwrap_or_default();
-    text.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+    fnv(serde_json::to_string(&set).unwrap_or_default().bytes())
+}
+
+/// Folded into each snapshot's content hash: a membership change is new content.
+fn mesh_hash(meshed: &[pb::MeshedEndpoint]) -> u64 {
+    fnv(format!("{meshed:?}").bytes()).rotate_left(1)
+}
+
+fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
+    bytes.fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
     })
 }

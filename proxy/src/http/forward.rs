@@ -205,19 +205,14 @@ impl Forwarder {
     }
 
     /// Outbound: the matching policy's endpoints, timeouts and retries.
-    async fn call(
-        &self,
-        mut call: Call,
-        body: BoxBody,
-        authority: &str,
-        start: Instant,
-    ) -> Outcome {
+    async fn call(&self, call: Call, body: BoxBody, authority: &str, start: Instant) -> Outcome {
         let snapshot = self.policies.current();
         let route: Arc<Route> = snapshot
             .routes
             .route(Some(authority), call.orig_dst, &self.policies.scope)
             .clone();
-        drop(snapshot);
+        // Kept for the per-endpoint mutual-TLS decision (an Arc: no copy).
+        let auto_mtls = self.pool.connector().has_identity();
         let policy = &route.policy;
         let retries = &policy.retries;
         let deadline = policy.timeout.map(|t| start + t);
@@ -225,19 +220,8 @@ impl Forwarder {
         // timeout is enforced once per connection (listener.rs), at no per-request cost.
         let idle_timeout = policy.idle_timeout;
         let budget = self.policies.budget_for(&route, call.orig_dst);
-        // Over mesh TLS every request rides the pooled HTTP/2 connection to the endpoint,
-        // whatever the client spoke (the far side restores HTTP/1.1); protocol upgrades need
-        // HTTP/1.1 end to end and get a connection of their own.
-        let mesh = route.mtls_identity.clone();
-        let mut upstream_version = call.version;
-        if mesh.is_some() && !call.upgrade && call.version == HttpVersion::Http1 {
-            upstream_version = HttpVersion::Http2;
-            call.parts.uri = super::upstream_uri(&call.parts, HttpVersion::Http2, call.orig_dst);
-            call.parts.version = Version::HTTP_2;
-            call.parts
-                .headers
-                .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
-        }
+        // The identity the last attempt's server had to prove (mutual TLS), for the metrics.
+        let last_peer: std::sync::Mutex<Option<Arc<str>>> = std::sync::Mutex::new(None);
         budget.record_request();
 
         let declared_len = call
@@ -261,7 +245,7 @@ impl Forwarder {
             endpoint,
             deadline,
             idle_timeout,
-            peer: mesh.clone(),
+            peer: last_peer.lock().ok().and_then(|p| p.clone()),
         };
         loop {
             attempts += 1;
@@ -289,7 +273,24 @@ impl Forwarder {
                 );
             };
             let spare = this_body.try_clone();
-            let req = Request::from_parts(clone_parts(&call.parts), this_body.boxed_unsync());
+            // Over mesh TLS every request rides the pooled HTTP/2 connection to the endpoint,
+            // whatever the client spoke (the far side restores HTTP/1.1); protocol upgrades
+            // need HTTP/1.1 end to end and get a connection of their own.
+            let mesh = snapshot.mtls_identity(&route, addr, auto_mtls);
+            let mut parts = clone_parts(&call.parts);
+            let mut upstream_version = call.version;
+            if mesh.is_some() && !call.upgrade && call.version == HttpVersion::Http1 {
+                upstream_version = HttpVersion::Http2;
+                parts.uri = super::upstream_uri(&parts, HttpVersion::Http2, call.orig_dst);
+                parts.version = Version::HTTP_2;
+                parts
+                    .headers
+                    .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
+            }
+            if let Ok(mut p) = last_peer.lock() {
+                p.clone_from(&mesh);
+            }
+            let req = Request::from_parts(parts, this_body.boxed_unsync());
 
             let attempt_deadline = match (retries.per_try_timeout, deadline) {
                 (Some(per_try), Some(d)) => Some((Instant::now() + per_try).min(d)),
@@ -298,7 +299,7 @@ impl Forwarder {
             };
             let endpoint = Endpoint {
                 addr,
-                identity: mesh.clone(),
+                identity: mesh,
             };
             let send = self.pool.send(&endpoint, upstream_version, req);
             let result = match attempt_deadline {

@@ -19,6 +19,7 @@ use trellis_proto::pb::{Ack, Nack, ProxyMessage, Subscribe, proxy_message};
 use trellis_proto::wire;
 
 use super::PolicyStore;
+use super::store::{MeshPeer, Meshed};
 use crate::metrics::Metrics;
 
 /// Who this proxy is, as it tells the control plane.
@@ -28,6 +29,8 @@ pub struct Identity {
     pub service_account: String,
     pub pod_name: String,
     pub pod_ip: String,
+    /// Ports of this pod other meshed proxies must call in plaintext (the admin port).
+    pub plaintext_ports: Vec<u32>,
 }
 
 /// Follows the control plane until the process exits. `first` is notified once the first
@@ -111,6 +114,7 @@ async fn session(
         pod_name: identity.pod_name.clone(),
         pod_ip: identity.pod_ip.clone(),
         version: held_version.clone(),
+        plaintext_ports: identity.plaintext_ports.clone(),
     };
     tx.send(ProxyMessage {
         kind: Some(proxy_message::Kind::Subscribe(subscribe)),
@@ -133,7 +137,8 @@ async fn session(
         let answer = match wire::set_from_wire(&snapshot.traffic, &snapshot.server) {
             Ok(set) => {
                 let (traffic, server) = (set.traffic.len(), set.server.len());
-                store.apply(set, version.clone(), format!("control-plane:{url}"));
+                let meshed = meshed_from_wire(&snapshot.meshed);
+                store.apply_with_mesh(set, version.clone(), format!("control-plane:{url}"), meshed);
                 metrics.policy_load(true, &version);
                 tracing::info!(%version, traffic, server, "policy applied from the control plane");
                 if !*announced_first {
@@ -193,4 +198,25 @@ pub fn channel(
         )),
     });
     trellis_identity::grpc::channel(url, config, check)
+}
+
+/// The meshed pods of a snapshot; entries that do not parse are skipped (they only make calls
+/// to that pod plaintext, which a strict server refuses with a clear error).
+fn meshed_from_wire(meshed: &[trellis_proto::pb::MeshedEndpoint]) -> Meshed {
+    let map = meshed
+        .iter()
+        .filter_map(|m| {
+            let ip = m.ip.parse().ok()?;
+            let peer = MeshPeer {
+                identity: Arc::from(m.identity.as_str()),
+                plaintext_ports: m
+                    .plaintext_ports
+                    .iter()
+                    .filter_map(|p| u16::try_from(*p).ok())
+                    .collect(),
+            };
+            Some((ip, peer))
+        })
+        .collect();
+    Arc::new(map)
 }

@@ -12,4 +12,4 @@ pub mod file;
 pub mod routes;
 mod store;
 
-pub use store::{PolicyStore, Snapshot};
+pub use store::{MeshPeer, Meshed, PolicyStore, Snapshot};

@@ -2,7 +2,7 @@
 //! (retry budgets per policy, endpoint health).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -26,6 +26,41 @@ pub struct Snapshot {
     pub inbound_opaque_ports: Vec<u16>,
     /// The ServerPolicies selecting this workload (its namespace and service account).
     pub inbound_servers: Vec<policy::ServerPolicy>,
+    /// Pods the control plane knows to be meshed: calls to them use mutual TLS unless a
+    /// TrafficPolicy's `tls` says otherwise.
+    pub meshed: Meshed,
+}
+
+/// A meshed pod: the identity its proxy proved, and its ports that stay plaintext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshPeer {
+    pub identity: Arc<str>,
+    pub plaintext_ports: Vec<u16>,
+}
+
+pub type Meshed = Arc<HashMap<IpAddr, MeshPeer>>;
+
+impl Snapshot {
+    /// The identity a call on `route` to `addr` must reach, if it goes over mutual TLS: the
+    /// policy's `tls` when it has one, else the control plane's knowledge of meshed pods (when
+    /// `auto` — this proxy has an identity to present).
+    pub fn mtls_identity(&self, route: &Route, addr: SocketAddr, auto: bool) -> Option<Arc<str>> {
+        let known = || {
+            self.meshed
+                .get(&addr.ip())
+                .filter(|peer| !peer.plaintext_ports.contains(&addr.port()))
+                .map(|peer| peer.identity.clone())
+        };
+        match (&route.policy.tls, &route.mtls_identity) {
+            // `mode: mutual` without a serverIdentity: the pod's proven identity if known.
+            (Some(tls), Some(any)) if tls.server_identity.is_none() => {
+                known().or(Some(any.clone()))
+            }
+            (Some(_), pinned) => pinned.clone(),
+            (None, _) if auto => known(),
+            (None, _) => None,
+        }
+    }
 }
 
 pub struct PolicyStore {
@@ -50,6 +85,7 @@ impl PolicyStore {
             routes: RouteTable::new(Vec::new(), default_route.clone(), &scope),
             inbound_opaque_ports: Vec::new(),
             inbound_servers: Vec::new(),
+            meshed: Meshed::default(),
         };
         let (tx, _) = watch::channel(Arc::new(empty));
         Arc::new(Self {
@@ -68,8 +104,13 @@ impl PolicyStore {
         self.tx.borrow().clone()
     }
 
-    /// Compiles `set` and puts it in force.
+    /// Compiles `set` and puts it in force (no meshed pods: a policy file).
     pub fn apply(&self, set: PolicySet, version: String, source: String) {
+        self.apply_with_mesh(set, version, source, Meshed::default());
+    }
+
+    /// Compiles `set` and puts it in force with the meshed pods the control plane sent.
+    pub fn apply_with_mesh(&self, set: PolicySet, version: String, source: String, meshed: Meshed) {
         let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
         let mut keep_budgets = HashMap::new();
         let mut all_endpoints = Vec::new();
@@ -121,6 +162,7 @@ impl PolicyStore {
             set,
             inbound_opaque_ports,
             inbound_servers,
+            meshed,
         };
         self.tx.send_replace(Arc::new(snapshot));
     }
@@ -169,6 +211,7 @@ impl PolicyStore {
             "loadedAt": s.loaded_at.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "policy": s.set,
             "endpoints": endpoints,
+            "meshedPods": s.meshed.len(),
         })
     }
 }
@@ -177,6 +220,51 @@ impl PolicyStore {
 mod tests {
     use super::*;
     use trellis_proto::policy::PolicySet;
+
+    #[test]
+    fn meshed_pods_get_mutual_tls_unless_a_policy_says_otherwise() {
+        let store = PolicyStore::new(
+            ClientScope {
+                namespace: "default".into(),
+                cluster_domain: "cluster.local".into(),
+            },
+            None,
+        );
+        let set = PolicySet::parse(
+            "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: plain}\nspec: {destination: {addresses: [\"10.0.0.1:81\"]}, tls: {mode: disabled}}\n---\napiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: any}\nspec: {destination: {addresses: [\"10.0.0.1:82\", \"10.0.0.9:82\"]}, tls: {mode: mutual}}\n",
+        )
+        .unwrap();
+        let web: Arc<str> = Arc::from("spiffe://cluster.local/ns/default/sa/web");
+        let meshed = HashMap::from([(
+            "10.0.0.1".parse().unwrap(),
+            MeshPeer {
+                identity: web.clone(),
+                plaintext_ports: vec![4191],
+            },
+        )]);
+        store.apply_with_mesh(set, "v1".into(), "test".into(), Arc::new(meshed));
+        let s = store.current();
+        let id = |addr: &str, auto| {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let route = s.routes.route(None, addr, &store.scope).clone();
+            s.mtls_identity(&route, addr, auto)
+        };
+        assert_eq!(id("10.0.0.1:80", true), Some(web.clone()), "meshed pod");
+        assert_eq!(id("10.0.0.1:80", false), None, "this proxy has no identity");
+        assert_eq!(id("10.0.0.1:4191", true), None, "its admin port");
+        assert_eq!(id("10.0.0.2:80", true), None, "not meshed");
+        assert_eq!(id("10.0.0.1:81", true), None, "tls: disabled");
+        assert_eq!(
+            id("10.0.0.1:82", true),
+            Some(web),
+            "mutual: the proven identity"
+        );
+        assert_eq!(
+            id("10.0.0.9:82", true).as_deref(),
+            Some("*"),
+            "mutual: any mesh identity"
+        );
+    }
 
     #[test]
     fn the_default_route_has_a_budget_per_destination_and_policies_share_theirs() {

@@ -52,6 +52,11 @@ impl Connector {
         &self.metrics
     }
 
+    /// Whether this proxy holds a certificate (and can call meshed pods over mutual TLS).
+    pub fn has_identity(&self) -> bool {
+        self.identity.current().is_some_and(|t| !t.expired())
+    }
+
     /// Connects to `endpoint`; `protocol` labels the upstream-connection metric.
     pub async fn connect(
         &self,

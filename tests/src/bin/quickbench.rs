@@ -62,7 +62,11 @@ fn main() -> ExitCode {
     );
     let file = mesh.write_file("mtls.yaml", &policy);
     let out = control.control(&["apply", "--wait", "-f", &file.to_string_lossy()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     measure("over mutual TLS", &tls_client, &tls_server, secs);
     println!(
         "mesh handshakes accepted by the server proxy: {}",
