@@ -318,3 +318,60 @@ fn only_the_admin_credential_may_change_policy_or_create_tokens() {
             >= 4.0
     );
 }
+
+#[test]
+fn an_operators_ca_is_used_and_a_wrong_one_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("trellis-own-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_, cert, key) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
+    std::fs::write(dir.join("tls.crt"), &cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &key).unwrap();
+    let cp = ControlPlane::start_with(
+        "own-ca",
+        &[
+            "--ca-cert",
+            &dir.join("tls.crt").to_string_lossy(),
+            "--ca-key",
+            &dir.join("tls.key").to_string_lossy(),
+        ],
+    );
+    // Workload certificates chain to the operator's CA; its key is not copied anywhere.
+    let token = join_token(&cp, "default/web", "10m");
+    let rt = rt();
+    let _guard = rt.enter();
+    let (rsp, key_pem) = rt
+        .block_on(certify(cp.channel(false), "default/web", Some(&token)))
+        .unwrap();
+    assert_eq!(rsp.trust_anchors_pem, cert);
+    Credentials::from_pem(
+        rsp.certificate_chain_pem.as_bytes(),
+        key_pem.as_bytes(),
+        cert.as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(cp.dir.join("ca.pem")).unwrap(), cert);
+    assert!(!cp.dir.join("ca-key.pem").exists());
+    drop(cp);
+
+    // A key that does not belong to the certificate: the control plane does not start, and
+    // says why.
+    let (_, _, other_key) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
+    std::fs::write(dir.join("other.key"), &other_key).unwrap();
+    let out = std::process::Command::new(trellis_tests::harness::control_bin())
+        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--ca-cert")
+        .arg(dir.join("tls.crt"))
+        .arg("--ca-key")
+        .arg(dir.join("other.key"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--ca-cert") && stderr.contains("does not belong to the CA certificate"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
