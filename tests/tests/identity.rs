@@ -349,7 +349,10 @@ fn an_operators_ca_is_used_and_a_wrong_one_is_refused_at_start() {
         cert.as_bytes(),
     )
     .unwrap();
-    assert_eq!(std::fs::read_to_string(cp.dir.join("ca.pem")).unwrap(), cert);
+    assert_eq!(
+        std::fs::read_to_string(cp.dir.join("ca.pem")).unwrap(),
+        cert
+    );
     assert!(!cp.dir.join("ca-key.pem").exists());
     drop(cp);
 
@@ -358,7 +361,13 @@ fn an_operators_ca_is_used_and_a_wrong_one_is_refused_at_start() {
     let (_, _, other_key) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
     std::fs::write(dir.join("other.key"), &other_key).unwrap();
     let out = std::process::Command::new(trellis_tests::harness::control_bin())
-        .args(["serve", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--ca-cert")

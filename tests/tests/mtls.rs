@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use trellis_tests::harness::{CurlResult, Mesh, Pod, wait_for};
+use trellis_tests::harness::{Capture, CurlResult, Mesh, Pod, contains, wait_for};
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/server";
@@ -134,7 +134,9 @@ fn meshed_calls_are_mutual_tls_and_the_app_sees_the_callers_identity() {
     let Some(m) = meshed("mtls_basic", &[], &strict_mesh()) else {
         return;
     };
-    // HTTP/1.1 from the app; a forged identity header is replaced by the verified one.
+    // HTTP/1.1 from the app; a forged identity header is replaced by the verified one. What
+    // crosses the bridge is TLS: the mesh ALPN in the ClientHello, then nothing readable.
+    let capture = Capture::start(m.mesh.hub(), Duration::from_secs(2));
     let rsp = m.client.curl(&[
         "-H",
         "trellis-peer-identity: spiffe://cluster.local/ns/kube-system/sa/admin",
@@ -143,6 +145,22 @@ fn meshed_calls_are_mutual_tls_and_the_app_sees_the_callers_identity() {
     assert_eq!(rsp.status, 200, "{rsp:?}");
     let headers = headers_seen(&rsp);
     assert_eq!(headers["trellis-peer-identity"], CLIENT_ID, "{headers}");
+    let wire = capture.finish();
+    assert!(
+        contains(&wire, b"trellis/h2"),
+        "no mesh ClientHello on the wire"
+    );
+    assert!(
+        contains(&wire, &[0x17, 0x03, 0x03]),
+        "no TLS application data records on the wire"
+    );
+    for plaintext in [&b"/headers"[..], b"kube-system", CLIENT_ID.as_bytes()] {
+        assert!(
+            !contains(&wire, plaintext),
+            "{:?} crossed the wire in clear",
+            String::from_utf8_lossy(plaintext)
+        );
+    }
     assert!(headers.get("trellis-orig-proto").is_none(), "{headers}");
     // It reached the app as HTTP/1.1 although it crossed the mesh as HTTP/2.
     let body: serde_json::Value = serde_json::from_str(&rsp.body).unwrap();

@@ -151,6 +151,11 @@ impl Mesh {
         path
     }
 
+    /// The namespace that holds the bridge every pod is attached to.
+    pub fn hub(&self) -> &Netns {
+        &self.hub
+    }
+
     /// Where this mesh's process logs are written.
     pub fn log_dir(&self) -> &std::path::Path {
         &self.dir

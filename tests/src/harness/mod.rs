@@ -19,6 +19,7 @@
 
 mod apiserver;
 mod bins;
+mod capture;
 mod control;
 mod mesh;
 mod metrics;
@@ -27,6 +28,7 @@ mod process;
 
 pub use apiserver::FakeApiServer;
 pub use bins::{control_bin, proxy_bin, testapp_bin};
+pub use capture::{Capture, contains};
 pub use control::{ControlPlane, free_port};
 pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
 pub use metrics::Scrape;
