@@ -180,13 +180,7 @@ impl Ca {
         dns: &[String],
         ips: &[IpAddr],
     ) -> Result<CertificateParams, CaError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = id
-            .to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
+        let mut params = identity_params(id)?;
         for name in dns {
             let name = name
                 .clone()
@@ -220,6 +214,15 @@ impl Ca {
 /// proxy sends to `Certify`.
 pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
     let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
+    let csr = identity_params(id)?
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| CaError::Sign(e.to_string()))?;
+    Ok((key.serialize_pem(), csr))
+}
+
+/// An empty subject and `id` as the only SAN (a URI): what every workload certificate names.
+fn identity_params(id: &SpiffeId) -> Result<CertificateParams, CaError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     let uri = id
@@ -227,11 +230,7 @@ pub fn new_key_and_csr(id: &SpiffeId) -> Result<(String, String), CaError> {
         .try_into()
         .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?;
     params.subject_alt_names = vec![SanType::URI(uri)];
-    let csr = params
-        .serialize_request(&key)
-        .and_then(|c| c.pem())
-        .map_err(|e| CaError::Sign(e.to_string()))?;
-    Ok((key.serialize_pem(), csr))
+    Ok(params)
 }
 
 fn to_system(t: OffsetDateTime) -> SystemTime {

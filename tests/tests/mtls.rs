@@ -287,39 +287,33 @@ fn openssl_sees_the_spiffe_certificate_and_strict_refuses_other_clients() {
     )
     .unwrap();
     let id = trellis_identity::SpiffeId::new("cluster.local", "default", "client");
-    let (issued, key) = ca_obj
-        .issue(&id, Duration::from_secs(300), &[], &[])
-        .unwrap();
-    let cert_file = m.mesh.write_file("good-cert.pem", &issued.chain_pem);
-    let key_file = m.mesh.write_file("good-key.pem", &key);
-    let (_, out) = sh(
-        &outsider,
-        &format!(
-            "(sleep 1; echo) | openssl s_client -connect {target} -alpn trellis/h2 -CAfile {ca} -cert {} -key {} 2>&1",
-            cert_file.display(),
-            key_file.display(),
-            ca = ca.display()
-        ),
-    );
+    // openssl s_client from the outsider presenting a certificate for `id` from `issuer`.
+    let present = |issuer: &trellis_identity::ca::Ca, name: &str| {
+        let (issued, key) = issuer
+            .issue(&id, Duration::from_secs(300), &[], &[])
+            .unwrap();
+        let cert_file = m
+            .mesh
+            .write_file(&format!("{name}-cert.pem"), &issued.chain_pem);
+        let key_file = m.mesh.write_file(&format!("{name}-key.pem"), &key);
+        sh(
+            &outsider,
+            &format!(
+                "(sleep 1; echo) | openssl s_client -connect {target} -alpn trellis/h2 -CAfile {ca} -cert {} -key {} 2>&1",
+                cert_file.display(),
+                key_file.display(),
+                ca = ca.display()
+            ),
+        )
+        .1
+    };
+    let out = present(&ca_obj, "good");
     assert!(out.contains("ALPN protocol: trellis/h2"), "{out}");
     assert!(!out.contains("certificate required"), "{out}");
 
     // The same identity from another CA: refused.
     let (other_ca, ..) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
-    let (issued, key) = other_ca
-        .issue(&id, Duration::from_secs(300), &[], &[])
-        .unwrap();
-    let cert_file = m.mesh.write_file("other-cert.pem", &issued.chain_pem);
-    let key_file = m.mesh.write_file("other-key.pem", &key);
-    let (_, out) = sh(
-        &outsider,
-        &format!(
-            "(sleep 1; echo) | openssl s_client -connect {target} -alpn trellis/h2 -CAfile {ca} -cert {} -key {} 2>&1",
-            cert_file.display(),
-            key_file.display(),
-            ca = ca.display()
-        ),
-    );
+    let out = present(&other_ca, "other");
     assert!(
         out.contains("unknown ca")
             || out.contains("alert number 48")
