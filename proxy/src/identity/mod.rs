@@ -21,6 +21,9 @@ use crate::metrics::Metrics;
 
 /// The TLS material in force.
 pub struct MeshTls {
+    /// Counts certificates put in force (1 for the first): pooled connections opened with an
+    /// older one are retired.
+    pub generation: u64,
     pub identity: SpiffeId,
     pub not_after: SystemTime,
     /// Client configurations per mesh ALPN, and one for gRPC to the control plane.
@@ -32,13 +35,14 @@ pub struct MeshTls {
 }
 
 impl MeshTls {
-    pub fn new(creds: &Credentials) -> Result<Self, String> {
+    pub fn new(creds: &Credentials, generation: u64) -> Result<Self, String> {
         let client = |alpn: &[u8]| {
             creds
                 .client_config(&[alpn])
                 .map_err(|e| format!("TLS client configuration: {e}"))
         };
         Ok(Self {
+            generation,
             identity: creds.identity.clone(),
             not_after: creds.not_after,
             client_h2: client(ALPN_H2)?,
@@ -96,7 +100,8 @@ impl Installer {
     }
 
     pub fn install(&self, creds: &Credentials, source: &str) -> Result<(), String> {
-        let tls = MeshTls::new(creds)?;
+        let generation = self.current().map_or(1, |t| t.generation + 1);
+        let tls = MeshTls::new(creds, generation)?;
         let expiry = unix(creds.not_after);
         self.metrics.identity(true, expiry);
         tracing::info!(identity = %creds.identity, source, expires_in_s = creds.not_after.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0), "certificate in force");

@@ -52,9 +52,17 @@ impl Connector {
         &self.metrics
     }
 
-    /// Whether this proxy holds a certificate (and can call meshed pods over mutual TLS).
+    /// Whether this proxy has a certificate, and so calls meshed pods over mutual TLS. An
+    /// expired one still counts: calls then fail with `tls-handshake` rather than silently
+    /// falling back to plaintext.
     pub fn has_identity(&self) -> bool {
-        self.identity.current().is_some_and(|t| !t.expired())
+        self.identity.current().is_some()
+    }
+
+    /// Which certificate new mesh connections present (changes on every renewal), so pooled
+    /// connections opened with an older one can be retired.
+    pub fn tls_generation(&self) -> u64 {
+        self.identity.current().map_or(0, |t| t.generation)
     }
 
     /// Connects to `endpoint`; `protocol` labels the upstream-connection metric.

@@ -9,6 +9,11 @@
 //!
 //! HTTP/2: one connection per endpoint carries every request; a single connect is in flight at a
 //! time per endpoint, and a closed connection is replaced on the next request.
+//!
+//! Mesh (mutual TLS) connections remember the certificate they were opened with: after a
+//! renewal, new requests go on a new connection with the new certificate, and the old one
+//! finishes its in-flight requests and closes. Rotation therefore reaches the wire within one
+//! request, not when a pooled connection happens to close.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -38,9 +43,12 @@ pub struct PoolConfig {
 struct Idle {
     sender: http1::SendRequest<BoxBody>,
     since: Instant,
+    /// The certificate it was opened with (`Connector::tls_generation`; 0 for plaintext).
+    generation: u64,
 }
 
-type H2Slot = Arc<tokio::sync::Mutex<Option<http2::SendRequest<BoxBody>>>>;
+/// An HTTP/2 connection and the certificate generation it was opened with.
+type H2Slot = Arc<tokio::sync::Mutex<Option<(http2::SendRequest<BoxBody>, u64)>>>;
 
 pub struct Pool {
     connector: Connector,
@@ -83,10 +91,11 @@ impl Pool {
         endpoint: &Endpoint,
         mut req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        while let Some(mut sender) = self.take_idle(endpoint) {
+        let generation = self.generation(endpoint);
+        while let Some(mut sender) = self.take_idle(endpoint, generation) {
             match sender.try_send_request(req).await {
                 Ok(rsp) => {
-                    self.recycle(endpoint.clone(), sender);
+                    self.recycle(endpoint.clone(), sender, generation);
                     return Ok(rsp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -110,15 +119,30 @@ impl Pool {
             .send_request(req)
             .await
             .map_err(|e| upstream_reset(endpoint, e))?;
-        self.recycle(endpoint.clone(), sender);
+        self.recycle(endpoint.clone(), sender, generation);
         Ok(rsp)
     }
 
-    fn take_idle(&self, endpoint: &Endpoint) -> Option<http1::SendRequest<BoxBody>> {
+    /// The certificate generation a new connection to `endpoint` would use (0: plaintext).
+    fn generation(&self, endpoint: &Endpoint) -> u64 {
+        match endpoint.identity {
+            Some(_) => self.connector.tls_generation(),
+            None => 0,
+        }
+    }
+
+    fn take_idle(
+        &self,
+        endpoint: &Endpoint,
+        generation: u64,
+    ) -> Option<http1::SendRequest<BoxBody>> {
         let mut idle = self.http1_idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(endpoint)?;
         while let Some(conn) = list.pop() {
-            if conn.since.elapsed() < self.config.idle_timeout && !conn.sender.is_closed() {
+            if conn.since.elapsed() < self.config.idle_timeout
+                && !conn.sender.is_closed()
+                && conn.generation == generation
+            {
                 return Some(conn.sender);
             }
         }
@@ -127,7 +151,12 @@ impl Pool {
     }
 
     /// Returns the connection to the pool once it can carry another request.
-    fn recycle(self: &Arc<Self>, endpoint: Endpoint, mut sender: http1::SendRequest<BoxBody>) {
+    fn recycle(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        mut sender: http1::SendRequest<BoxBody>,
+        generation: u64,
+    ) {
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             if sender.ready().await.is_err() {
@@ -139,6 +168,7 @@ impl Pool {
             list.push(Idle {
                 sender,
                 since: Instant::now(),
+                generation,
             });
             if list.len() > pool.config.max_idle_per_endpoint {
                 list.remove(0);
@@ -173,7 +203,11 @@ impl Pool {
         };
         // Held across the connect: concurrent requests wait for one connection, not dial many.
         let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref().filter(|s| !s.is_closed()) {
+        let generation = self.generation(endpoint);
+        if let Some((sender, _)) = slot
+            .as_ref()
+            .filter(|(s, g)| !s.is_closed() && *g == generation)
+        {
             return Ok(sender.clone());
         }
         let io = self.connector.connect(endpoint, "http2").await?;
@@ -191,7 +225,7 @@ impl Pool {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
             }
         });
-        *slot = Some(sender.clone());
+        *slot = Some((sender.clone(), generation));
         Ok(sender)
     }
 
@@ -206,7 +240,7 @@ impl Pool {
             let mut slot = slot.lock().await;
             if slot
                 .as_ref()
-                .is_some_and(|s| s.is_closed() || dead.is_closed())
+                .is_some_and(|(s, _)| s.is_closed() || dead.is_closed())
             {
                 *slot = None;
             }
@@ -232,7 +266,7 @@ impl Pool {
                 }
                 let mut h2 = pool.http2.lock().unwrap_or_else(|p| p.into_inner());
                 h2.retain(|_, slot| match slot.try_lock() {
-                    Ok(s) => s.as_ref().is_some_and(|s| !s.is_closed()),
+                    Ok(s) => s.as_ref().is_some_and(|(s, _)| !s.is_closed()),
                     Err(_) => true, // a connect is in progress
                 });
             }
