@@ -707,6 +707,53 @@ fn meshed_pods_are_called_over_mutual_tls_without_a_traffic_policy() {
         ),
         1.0
     );
+    // gRPC (HTTP/2 end to end) and a WebSocket-style upgrade (its own `trellis/h1` mesh
+    // connection) ride mutual TLS too.
+    m.server
+        .spawn_app(&["grpc", "--listen", "0.0.0.0:50051", "--name", "grpc-server"]);
+    let target = format!("http://{}:50051", m.server.ip);
+    let unary = m
+        .client
+        .testapp(&["grpc-call", "--target", &target, "--call", "unary"]);
+    assert_eq!(unary["ok"], true, "{unary}");
+    let stream = m.client.testapp(&[
+        "grpc-call",
+        "--target",
+        &target,
+        "--call",
+        "stream",
+        "--count",
+        "3",
+    ]);
+    assert_eq!(
+        stream["items"].as_array().map(Vec::len),
+        Some(3),
+        "{stream}"
+    );
+    let ws = m.client.testapp(&[
+        "ws-call",
+        "--connect",
+        &m.server.addr(8080).to_string(),
+        "--send",
+        "ping over a mesh upgrade",
+    ]);
+    assert_eq!(ws["status_line"], "HTTP/1.1 101 Switching Protocols");
+    assert_eq!(ws["echo"], "ping over a mesh upgrade");
+    let s = m.server.metrics();
+    for protocol in ["http1", "http2"] {
+        assert!(
+            s.sum(
+                "trellis_requests_total",
+                &[
+                    ("direction", "inbound"),
+                    ("protocol", protocol),
+                    ("peer_identity", CLIENT_ID)
+                ]
+            ) >= 1.0,
+            "{protocol}: {}",
+            s.text
+        );
+    }
     // The meshed pod's admin port stays plaintext (kubelet, Prometheus).
     assert_eq!(m.client.curl(&[&m.server.url(4191, "/live")]).status, 200);
     // A TrafficPolicy can still turn TLS off for a destination: the strict server refuses.
