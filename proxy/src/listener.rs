@@ -340,8 +340,7 @@ impl Listener {
             }
             Protocol::Http1 | Protocol::Http2 => {
                 let mut info = ConnInfo::plain(client, orig_dst, protocol);
-                info.peer = Some(Arc::from(peer.to_string()));
-                info.peer_id = Some(peer);
+                info.peer = Some(http::Peer::new(peer));
                 tokio::select! {
                     _ = http::serve(stream, self.http.clone(), info, drain) => {}
                     _ = activity.expired(self.config.idle_timeout) => {

@@ -3,6 +3,7 @@
 //! Every family is created once here; the data path holds cheap clones of individual counters
 //! (an `Arc` around an atomic), so recording is one atomic add.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -38,7 +39,8 @@ pub struct RequestLabels {
     /// Whether the request travelled over mesh TLS (inbound: arrived; outbound: was sent).
     pub tls: bool,
     /// Inbound: the client's verified SPIFFE ID; outbound: the server's. Empty for plaintext.
-    pub peer_identity: String,
+    /// Shared, not copied: recording a request allocates nothing.
+    pub peer_identity: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -266,7 +268,7 @@ impl Metrics {
         direction: Direction,
         protocol: &'static str,
         status: u16,
-        peer: Option<&str>,
+        peer: Option<&Arc<str>>,
         elapsed: Duration,
     ) {
         self.requests
@@ -275,7 +277,7 @@ impl Metrics {
                 protocol,
                 status,
                 tls: peer.is_some(),
-                peer_identity: peer.unwrap_or_default().to_string(),
+                peer_identity: peer.cloned(),
             })
             .inc();
         self.request_duration
@@ -432,7 +434,7 @@ mod tests {
             Direction::inbound,
             "http2",
             200,
-            Some("spiffe://cluster.local/ns/a/sa/b"),
+            Some(&Arc::from("spiffe://cluster.local/ns/a/sa/b")),
             Duration::from_millis(3),
         );
         m.error(Direction::inbound, "connect-refused");

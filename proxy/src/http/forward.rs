@@ -134,10 +134,10 @@ impl Forwarder {
             let verdict = {
                 let snapshot = self.policies.current();
                 let policy = inbound::policy_for(&snapshot.inbound_servers, orig_dst.port());
-                inbound::authorize(policy, conn.peer_id.as_ref())
+                inbound::authorize(policy, conn.peer.as_ref().map(|p| &p.id))
             };
             if let Err(reason) = verdict {
-                tracing::warn!(direction = "inbound", client = %conn.client, peer = conn.peer.as_deref().unwrap_or("plaintext"), dst = %orig_dst, error = "unauthorized", %reason, "request refused");
+                tracing::warn!(direction = "inbound", client = %conn.client, peer = conn.peer.as_ref().map_or("plaintext", |p| &*p.name), dst = %orig_dst, error = "unauthorized", %reason, "request refused");
                 let outcome = Outcome {
                     result: Err(ProxyError::Unauthorized { reason }),
                     attempts: 0,
@@ -150,9 +150,9 @@ impl Forwarder {
                 return self.respond(outcome, grpc, &method, &target, conn, start, None);
             }
             if let Some(peer) = &conn.peer {
-                if let Ok(v) = HeaderValue::from_str(peer) {
-                    parts.headers.insert(PEER_IDENTITY_HEADER, v);
-                }
+                parts
+                    .headers
+                    .insert(PEER_IDENTITY_HEADER, peer.header.clone());
                 // A request that a mesh peer carried over HTTP/2 for an HTTP/1.1 client goes
                 // to the app as HTTP/1.1.
                 if orig_proto.as_ref().is_some_and(|v| v == "HTTP/1.1") {
@@ -221,7 +221,7 @@ impl Forwarder {
         let idle_timeout = policy.idle_timeout;
         let budget = self.policies.budget_for(&route, call.orig_dst);
         // The identity the last attempt's server had to prove (mutual TLS), for the metrics.
-        let last_peer: std::sync::Mutex<Option<Arc<str>>> = std::sync::Mutex::new(None);
+        let mut last_peer: Option<Arc<str>> = None;
         budget.record_request();
 
         let declared_len = call
@@ -238,14 +238,14 @@ impl Forwarder {
         ));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempts = 0u32;
-        let done = |result, attempts, endpoint| Outcome {
+        let done = |result, attempts, endpoint, peer| Outcome {
             result,
             attempts,
             route: Some(route.clone()),
             endpoint,
             deadline,
             idle_timeout,
-            peer: last_peer.lock().ok().and_then(|p| p.clone()),
+            peer,
         };
         loop {
             attempts += 1;
@@ -257,7 +257,7 @@ impl Forwarder {
                             policy: route.name.clone(),
                             endpoints: balancer.endpoints().len(),
                         };
-                        return done(Err(err), attempts, call.orig_dst);
+                        return done(Err(err), attempts, call.orig_dst, last_peer);
                     }
                 },
                 None => (call.orig_dst, None),
@@ -270,6 +270,7 @@ impl Forwarder {
                     }),
                     attempts,
                     addr,
+                    last_peer,
                 );
             };
             let spare = this_body.try_clone();
@@ -287,9 +288,7 @@ impl Forwarder {
                     .headers
                     .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
             }
-            if let Ok(mut p) = last_peer.lock() {
-                p.clone_from(&mesh);
-            }
+            last_peer.clone_from(&mesh);
             let req = Request::from_parts(parts, this_body.boxed_unsync());
 
             let attempt_deadline = match (retries.per_try_timeout, deadline) {
@@ -312,6 +311,7 @@ impl Forwarder {
                             Err(ProxyError::Timeout { timeout, attempts }),
                             attempts,
                             addr,
+                            last_peer,
                         );
                     }
                     Err(_) => Err(ProxyError::PerTryTimeout {
@@ -328,7 +328,7 @@ impl Forwarder {
                 if let Some(in_flight) = in_flight {
                     in_flight.succeeded();
                 }
-                return done(result, attempts, addr);
+                return done(result, attempts, addr, last_peer);
             }
             let failure = match &result {
                 Ok(rsp) => classify_response(rsp),
@@ -346,14 +346,14 @@ impl Forwarder {
                 }
             }
             let Some(failure) = failure else {
-                return done(result, attempts, addr);
+                return done(result, attempts, addr, last_peer);
             };
             let retryable = attempts <= max_retries
                 && failure.listed_in(&retries.on)
                 && (failure.never_reached_app() || may_replay)
                 && spare.is_some();
             if !retryable {
-                return done(result, attempts, addr);
+                return done(result, attempts, addr, last_peer);
             }
             if !budget.try_withdraw() {
                 self.metrics.retry_budget_exhausted(&route.name);
@@ -361,7 +361,7 @@ impl Forwarder {
                     policy: route.name.clone(),
                     last: Box::new(last),
                 });
-                return done(result, attempts, addr);
+                return done(result, attempts, addr, last_peer);
             }
             self.metrics.retry(&route.name, failure.reason());
             tracing::debug!(policy = %route.name, endpoint = %addr, attempt = attempts, reason = failure.reason(), "retrying");
@@ -376,6 +376,7 @@ impl Forwarder {
                     Err(ProxyError::Timeout { timeout, attempts }),
                     attempts,
                     addr,
+                    last_peer,
                 );
             }
             tokio::time::sleep(pause).await;
@@ -403,7 +404,11 @@ impl Forwarder {
                 let cause = err.cause();
                 let rsp = error_response(&err, grpc);
                 self.metrics.error(self.direction, cause);
-                let peer = conn.peer.as_deref().or(outcome.peer.as_deref());
+                let peer = conn
+                    .peer
+                    .as_ref()
+                    .map(|p| &p.name)
+                    .or(outcome.peer.as_ref());
                 self.metrics.request(
                     self.direction,
                     protocol,
@@ -437,7 +442,11 @@ impl Forwarder {
         if self.direction == Direction::inbound {
             rsp.headers_mut().remove(ERROR_HEADER);
         }
-        let peer = conn.peer.as_deref().or(outcome.peer.as_deref());
+        let peer = conn
+            .peer
+            .as_ref()
+            .map(|p| &p.name)
+            .or(outcome.peer.as_ref());
         self.metrics
             .request(self.direction, protocol, status.as_u16(), peer, elapsed);
         if self.access_log == AccessLog::All

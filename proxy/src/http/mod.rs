@@ -44,10 +44,26 @@ pub struct ConnInfo {
     /// `no-original-destination`).
     pub orig_dst: Result<SocketAddr, String>,
     pub protocol: Protocol,
-    /// Inbound over mesh TLS: the client's verified SPIFFE ID (and its text, for headers and
-    /// metrics). Each request is authorized against the ServerPolicy in force when it arrives.
-    pub peer: Option<Arc<str>>,
-    pub peer_id: Option<trellis_identity::SpiffeId>,
+    /// Inbound over mesh TLS: the client's verified identity. Each request is authorized
+    /// against the ServerPolicy in force when it arrives.
+    pub peer: Option<Peer>,
+}
+
+/// A mesh client verified at the handshake, with what every request needs from it prepared
+/// once per connection: the header value for the app and the metrics label.
+pub struct Peer {
+    pub id: trellis_identity::SpiffeId,
+    pub name: Arc<str>,
+    pub header: HeaderValue,
+}
+
+impl Peer {
+    pub fn new(id: trellis_identity::SpiffeId) -> Self {
+        let name: Arc<str> = Arc::from(id.to_string());
+        // A SPIFFE ID is printable ASCII (it parsed), so it is always a valid header value.
+        let header = HeaderValue::from_str(&name).unwrap_or(HeaderValue::from_static(""));
+        Self { id, name, header }
+    }
 }
 
 impl ConnInfo {
@@ -61,7 +77,6 @@ impl ConnInfo {
             orig_dst,
             protocol,
             peer: None,
-            peer_id: None,
         }
     }
 }
