@@ -61,6 +61,14 @@ pub fn channel(
     Ok(endpoint.connect_with_connector_lazy(connector))
 }
 
+/// Why a call failed: the transport's innermost cause when there is one, else the status message.
+pub fn status_cause(s: &tonic::Status) -> String {
+    match std::error::Error::source(s) {
+        Some(e) => root_cause(e),
+        None => s.message().to_string(),
+    }
+}
+
 /// The innermost cause of an error: the useful part ("Connection refused (os error 111)").
 pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e.to_string();

@@ -58,10 +58,8 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
     let policies = PolicyStore::new(scope, args.service_account.clone());
     // Identity problems (unreadable files, a certificate that does not verify) stop the proxy
     // at start with the reason, like a wrong policy file.
-    let identity_source = identity_source(&args)?;
-    if args.control_plane.is_some() {
-        trust_anchors(&args)?;
-    }
+    let control_plane = control_plane(&args)?;
+    let identity_source = identity_source(&args, control_plane.as_ref())?;
     // A policy file that is wrong at start stops the proxy with every error listed: a typo in a
     // deployment should fail loudly, not run without the policy.
     if let Some(path) = &args.policy_file {
@@ -108,7 +106,32 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         admin_state,
         shutdown,
         identity_source,
+        control_plane,
     ))
+}
+
+/// How to reach the control plane, read and checked once at start.
+struct ControlPlane {
+    url: String,
+    /// `--trust-anchors` (PEM), which verify it.
+    anchors_pem: Vec<u8>,
+    /// `--control-plane-identity`, which it must prove.
+    identity: SpiffeId,
+}
+
+fn control_plane(args: &RunArgs) -> Result<Option<ControlPlane>, RunError> {
+    let Some(url) = args.control_plane.clone() else {
+        return Ok(None);
+    };
+    let identity = args
+        .control_plane_identity
+        .parse()
+        .map_err(|e| RunError::Identity(format!("--control-plane-identity: {e}")))?;
+    Ok(Some(ControlPlane {
+        url,
+        anchors_pem: trust_anchors(args)?,
+        identity,
+    }))
 }
 
 /// Where the proxy's certificate comes from, checked before anything starts.
@@ -118,7 +141,10 @@ enum IdentitySource {
     ControlPlane(certify::CertifyConfig),
 }
 
-fn identity_source(args: &RunArgs) -> Result<IdentitySource, RunError> {
+fn identity_source(
+    args: &RunArgs,
+    control_plane: Option<&ControlPlane>,
+) -> Result<IdentitySource, RunError> {
     let err = |m: String| RunError::Identity(m);
     if let Some(dir) = &args.identity_dir {
         let creds = identity::dir::load(dir).map_err(|e| err(format!("--identity-dir {e}")))?;
@@ -127,7 +153,7 @@ fn identity_source(args: &RunArgs) -> Result<IdentitySource, RunError> {
     let Some(token_file) = &args.identity_token_file else {
         return Ok(IdentitySource::None);
     };
-    let url = args.control_plane.clone().ok_or_else(|| {
+    let cp = control_plane.ok_or_else(|| {
         err("--identity-token-file needs --control-plane (the CA that issues certificates)".into())
     })?;
     let (Some(workload), Some(sa)) = (&args.workload, &args.service_account) else {
@@ -135,18 +161,14 @@ fn identity_source(args: &RunArgs) -> Result<IdentitySource, RunError> {
             "--identity-token-file needs --workload NS/NAME and --service-account SA (the identity asked for)".into(),
         ));
     };
-    let control_identity: SpiffeId = args
-        .control_plane_identity
-        .parse()
-        .map_err(|e| err(format!("--control-plane-identity: {e}")))?;
     let ns = workload.split_once('/').map_or("default", |(ns, _)| ns);
-    let identity: SpiffeId = format!("spiffe://{}/ns/{ns}/sa/{sa}", control_identity.trust_domain)
+    let identity: SpiffeId = format!("spiffe://{}/ns/{ns}/sa/{sa}", cp.identity.trust_domain)
         .parse()
         .map_err(|e| err(format!("--workload/--service-account: {e}")))?;
     Ok(IdentitySource::ControlPlane(certify::CertifyConfig {
-        url,
-        anchors_pem: trust_anchors(args)?,
-        control_identity,
+        url: cp.url.clone(),
+        anchors_pem: cp.anchors_pem.clone(),
+        control_identity: cp.identity.clone(),
         token_file: Some(token_file.clone()),
         identity,
     }))
@@ -171,6 +193,7 @@ async fn serve(
     admin: Arc<AdminState>,
     shutdown: Arc<Notify>,
     identity_source: IdentitySource,
+    control_plane: Option<ControlPlane>,
 ) -> Result<(), RunError> {
     let (installer, identity) = Installer::new(metrics.clone());
     let needs_identity = !matches!(identity_source, IdentitySource::None);
@@ -196,7 +219,7 @@ async fn serve(
         ));
     }
     let first_snapshot = Arc::new(Notify::new());
-    if let Some(url) = args.control_plane.clone() {
+    if let Some(cp) = control_plane {
         let who = control::Identity {
             workload: args
                 .workload
@@ -207,15 +230,10 @@ async fn serve(
             pod_ip: args.pod_ip.map(|ip| ip.to_string()).unwrap_or_default(),
             plaintext_ports: vec![u32::from(args.admin_addr.port())],
         };
-        let anchors = trust_anchors(&args)?;
-        let control_identity: SpiffeId = args
-            .control_plane_identity
-            .parse()
-            .map_err(|e| RunError::Identity(format!("--control-plane-identity: {e}")))?;
-        let channel = control::channel(&url, &anchors, control_identity, identity.clone())
+        let channel = control::channel(&cp.url, &cp.anchors_pem, cp.identity, identity.clone())
             .map_err(RunError::Identity)?;
         let follow = control::follow(
-            url.clone(),
+            cp.url,
             channel,
             who,
             policies.clone(),

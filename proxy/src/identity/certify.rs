@@ -130,7 +130,7 @@ async fn certify(config: &CertifyConfig, installer: &Installer) -> Result<Creden
         .await
         .map_err(|s| match s.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown => {
-                format!("control plane unreachable: {}", status_cause(&s))
+                format!("control plane unreachable: {}", grpc::status_cause(&s))
             }
             _ => format!("refused ({:?}): {}", s.code(), s.message()),
         })?
@@ -141,11 +141,4 @@ async fn certify(config: &CertifyConfig, installer: &Installer) -> Result<Creden
         rsp.trust_anchors_pem.as_bytes(),
     )
     .map_err(|e| format!("the issued certificate is unusable: {e}"))
-}
-
-fn status_cause(s: &tonic::Status) -> String {
-    match std::error::Error::source(s) {
-        Some(e) => grpc::root_cause(e),
-        None => s.message().to_string(),
-    }
 }

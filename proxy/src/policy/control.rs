@@ -124,14 +124,18 @@ async fn session(
     let mut snapshots = client
         .stream(ReceiverStream::new(rx))
         .await
-        .map_err(|s| status_cause(&s))?
+        .map_err(|s| trellis_identity::grpc::status_cause(&s))?
         .into_inner();
     tracing::info!(%url, held = %held_version, "subscribed to the control plane");
     if !held_version.is_empty() && !*announced_first {
         *announced_first = true;
         first.notify_one();
     }
-    while let Some(snapshot) = snapshots.message().await.map_err(|s| status_cause(&s))? {
+    while let Some(snapshot) = snapshots
+        .message()
+        .await
+        .map_err(|s| trellis_identity::grpc::status_cause(&s))?
+    {
         *delivered = true;
         let (version, nonce) = (snapshot.version.clone(), snapshot.nonce.clone());
         let answer = match wire::set_from_wire(&snapshot.traffic, &snapshot.server) {
@@ -162,13 +166,6 @@ async fn session(
             .map_err(|_| "stream closed".to_string())?;
     }
     Ok(())
-}
-
-fn status_cause(s: &tonic::Status) -> String {
-    match std::error::Error::source(s) {
-        Some(e) => trellis_identity::grpc::root_cause(e),
-        None => s.message().to_string(),
-    }
 }
 
 /// The channel to the control plane: TLS verified against the trust anchors, the server must be
