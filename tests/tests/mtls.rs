@@ -64,6 +64,18 @@ impl Meshed {
         );
     }
 
+    /// What the server's TCP echo app sent back to the client for `data`.
+    fn echo(&self, data: &str) -> String {
+        let out = self.client.testapp(&[
+            "tcp-call",
+            "--connect",
+            &self.server.addr(9000).to_string(),
+            "--send",
+            data,
+        ]);
+        out["received"].as_str().unwrap_or_default().to_string()
+    }
+
     fn get(&self, path: &str) -> CurlResult {
         self.client.curl(&[&self.server.url(8080, path)])
     }
@@ -192,14 +204,7 @@ fn meshed_calls_are_mutual_tls_and_the_app_sees_the_callers_identity() {
         .curl(&["--http2-prior-knowledge", &m.server.url(8080, "/headers")]);
     assert_eq!(rsp.status, 200, "{rsp:?}");
     assert_eq!(headers_seen(&rsp)["trellis-peer-identity"], CLIENT_ID);
-    let echo = m.client.testapp(&[
-        "tcp-call",
-        "--connect",
-        &m.server.addr(9000).to_string(),
-        "--send",
-        "over mtls",
-    ]);
-    assert_eq!(echo["received"], "over mtls", "{echo}");
+    assert_eq!(m.echo("over mtls"), "over mtls");
 
     // The server proxy counts the requests by peer identity, over TLS.
     let s = m.server.metrics();
@@ -692,14 +697,7 @@ fn meshed_pods_are_called_over_mutual_tls_without_a_traffic_policy() {
     let rsp = m.get("/headers");
     assert_eq!(rsp.status, 200, "{rsp:?}");
     assert_eq!(headers_seen(&rsp)["trellis-peer-identity"], CLIENT_ID);
-    let echo = m.client.testapp(&[
-        "tcp-call",
-        "--connect",
-        &m.server.addr(9000).to_string(),
-        "--send",
-        "auto",
-    ]);
-    assert_eq!(echo["received"], "auto", "{echo}");
+    assert_eq!(m.echo("auto"), "auto");
     assert_eq!(
         m.client.metrics().sum(
             "trellis_requests_total",
