@@ -65,16 +65,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AccessLog {
-    /// One line per request and per opaque TCP connection.
-    All,
-    /// Only requests and connections that failed or got an error from the proxy.
-    Errors,
-    /// No access log.
-    Off,
-}
+pub use crate::telemetry::access_log::Format as AccessLog;
 
 #[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct RunArgs {
@@ -212,9 +203,20 @@ pub struct RunArgs {
     #[serde(with = "humantime_serde_compat")]
     pub drain_grace_period: Duration,
 
-    /// Which requests and connections are logged.
-    #[arg(long, env = "TRELLIS_ACCESS_LOG", value_enum, default_value_t = AccessLog::Errors)]
+    /// The access log on stdout: one line per HTTP request or gRPC stream and per opaque TCP
+    /// connection, as logfmt (`text`) or JSON.
+    #[arg(long, env = "TRELLIS_ACCESS_LOG", value_enum, default_value_t = AccessLog::Off)]
     pub access_log: AccessLog,
+
+    /// Where to send traces: an OTLP/gRPC collector such as Jaeger
+    /// (http://jaeger-collector.observability:4317). Unset: no spans, trace headers untouched.
+    #[arg(long, env = "TRELLIS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// The share of new traces (requests arriving without a sampling decision) that are
+    /// sampled, 0.0 to 1.0; a decision carried by the request always wins.
+    #[arg(long, env = "TRELLIS_TRACE_SAMPLE_RATIO", default_value_t = 0.01, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -383,7 +385,17 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number (expected 0.0 to 1.0)"))?;
+    if !(0.0..=1.0).contains(&r) {
+        return Err(format!("{r} is outside 0.0 to 1.0"));
+    }
+    Ok(r)
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration (e.g. 500ms, 2s): {e}"))
 }

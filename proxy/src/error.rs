@@ -88,6 +88,25 @@ impl ProxyError {
         }
     }
 
+    /// Every cause, for recognising one named by another proxy (`trellis-error`).
+    pub const CAUSES: &[&'static str] = &[
+        "connect-refused",
+        "connect-timeout",
+        "connect-unreachable",
+        "no-original-destination",
+        "detect-timeout",
+        "idle-timeout",
+        "upstream-reset",
+        "overloaded",
+        "timeout",
+        "per-try-timeout",
+        "retry-budget-exhausted",
+        "no-healthy-endpoints",
+        "tls-handshake",
+        "tls-identity-mismatch",
+        "unauthorized",
+    ];
+
     /// Whether the upstream refused the HTTP/2 stream (REFUSED_STREAM): the request was not
     /// processed and may be retried safely.
     pub fn is_refused_stream(&self) -> bool {
@@ -132,5 +151,58 @@ impl ProxyError {
             }
             _ => Self::ConnectRefused { addr, source },
         }
+    }
+}
+
+/// A cause named by another proxy's `trellis-error` header, as a static string (the value is
+/// only trusted when it is one of ours: a label value must stay bounded).
+pub fn known_cause(value: &str) -> Option<&'static str> {
+    ProxyError::CAUSES.iter().find(|c| **c == value).copied()
+}
+
+/// Lets through at most `per_second` events per second and counts the rest, so a failure storm
+/// cannot flood the diagnostic log. The suppressed count is reported with the next event let
+/// through.
+pub struct RateLimited {
+    per_second: u32,
+    state: std::sync::Mutex<(u64, u32, u64)>,
+}
+
+impl RateLimited {
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            state: std::sync::Mutex::new((0, 0, 0)),
+        }
+    }
+
+    /// Runs `log` unless this second's quota is spent.
+    pub fn warn(&self, log: impl FnOnce()) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let suppressed = {
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            let (second, count, suppressed) = &mut *state;
+            if *second != now {
+                *second = now;
+                *count = 0;
+            }
+            *count += 1;
+            if *count > self.per_second {
+                *suppressed += 1;
+                return;
+            }
+            std::mem::take(suppressed)
+        };
+        if suppressed > 0 {
+            tracing::warn!(
+                suppressed,
+                "proxy-made errors not logged (rate limit); see the access log and trellis_proxy_errors_total"
+            );
+        }
+        log();
     }
 }

@@ -10,6 +10,7 @@
 //!   [`balance`]: retries within a budget, replayable bodies, endpoint choice and ejection.
 //! - [`transport`]: dials upstream endpoints and pools connections per (endpoint, identity).
 //! - [`admin`], [`metrics`], [`drain`]: the admin endpoints, Prometheus metrics, graceful shutdown.
+//! - [`telemetry`]: trace context, spans exported over OTLP, and the access log.
 //! - [`error`]: the named causes of every error the proxy produces itself.
 
 pub mod admin;
@@ -32,4 +33,5 @@ pub mod replay;
 pub mod retry;
 pub mod run;
 pub mod tcp;
+pub mod telemetry;
 pub mod transport;

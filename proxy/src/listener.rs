@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use trellis_identity::tls::{ALPN_H1, ALPN_H2, peer_identity};
 use trellis_proto::policy::{Protocol as DeclaredProtocol, ServerPolicy};
 
-use crate::cli::{AccessLog, PortList};
+use crate::cli::PortList;
 use crate::detect::{self, Detected, Protocol};
 use crate::drain;
 use crate::error::ProxyError;
@@ -39,7 +39,8 @@ pub struct ListenerConfig {
     /// The proxy's own listener ports (inbound, outbound, admin): never a destination.
     pub own_ports: Vec<u16>,
     pub max_connections: usize,
-    pub access_log: AccessLog,
+    /// Traces and the access log.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Connections with no traffic for this long are closed.
     pub idle_timeout: Option<Duration>,
 }
@@ -66,7 +67,7 @@ impl Listener {
             config.direction,
             pool.clone(),
             metrics.clone(),
-            config.access_log,
+            config.telemetry.clone(),
             policies.clone(),
         ));
         let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -247,7 +248,8 @@ impl Listener {
                         target,
                         activity,
                         self.pool.connector(),
-                        self.config.access_log,
+                        &self.config.telemetry,
+                        None,
                     )
                     .await;
                 }
@@ -334,7 +336,8 @@ impl Listener {
                     target,
                     activity,
                     self.pool.connector(),
-                    self.config.access_log,
+                    &self.config.telemetry,
+                    Some(Arc::from(peer.to_string())),
                 )
                 .await;
             }

@@ -35,7 +35,11 @@ impl Direction {
 pub struct RequestLabels {
     pub direction: Direction,
     pub protocol: &'static str,
+    /// Bounded: the policy's host, or the original destination address; never a path.
+    pub destination: Arc<str>,
     pub status: u16,
+    /// The gRPC status code (empty for plain HTTP).
+    pub grpc_status: Option<u32>,
     /// Whether the request travelled over mesh TLS (inbound: arrived; outbound: was sent).
     pub tls: bool,
     /// Inbound: the client's verified SPIFFE ID; outbound: the server's. Empty for plaintext.
@@ -53,6 +57,35 @@ pub struct HandshakeLabels {
 pub struct LatencyLabels {
     pub direction: Direction,
     pub protocol: &'static str,
+    pub destination: Arc<str>,
+    pub status_class: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct BytesLabels {
+    pub direction: Direction,
+    pub protocol: &'static str,
+    pub destination: Arc<str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+/// One finished request, as the metrics record it.
+pub struct RequestRecord<'a> {
+    pub direction: Direction,
+    pub protocol: &'static str,
+    pub destination: &'a Arc<str>,
+    pub status: u16,
+    pub grpc_status: Option<u32>,
+    /// Inbound: the client's verified identity; outbound: the server's. None: plaintext.
+    pub peer: Option<&'a Arc<str>>,
+    /// Until the response headers.
+    pub latency: Duration,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -102,16 +135,32 @@ pub struct VersionLabels {
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
-    // 0.5 ms .. ~33 s: sidecar overheads live at the bottom, timeouts at the top.
+    // 100 µs .. ~52 s: sidecar overheads live at the bottom, timeouts at the top.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.0005, 2.0, 17,
+        0.0001, 2.0, 20,
     ))
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
 }
 
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     request_duration: HistogramFamily<LatencyLabels>,
+    request_bytes: Family<BytesLabels, Counter>,
+    response_bytes: Family<BytesLabels, Counter>,
+    spans_exported: Counter,
+    spans_dropped: Family<ReasonLabels, Counter>,
+    access_log_dropped: Counter,
+    process: ProcessMetrics,
     errors: Family<ErrorLabels, Counter>,
     conns_opened: Family<ConnLabels, Counter>,
     conns_closed: Family<ConnLabels, Counter>,
@@ -141,16 +190,47 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
-            "HTTP requests completed, by direction, protocol and response status",
+            "HTTP requests and gRPC calls completed, by direction, protocol, destination, status, gRPC status, TLS and peer identity",
             requests.clone(),
         );
         let request_duration: HistogramFamily<LatencyLabels> =
             Family::new_with_constructor(latency_histogram);
         registry.register(
             "request_duration_seconds",
-            "Time from receiving a request to receiving its response headers",
+            "Time from receiving a request to sending its response headers",
             request_duration.clone(),
         );
+        let request_bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "request_bytes",
+            "Request body bytes received from clients",
+            request_bytes.clone(),
+        );
+        let response_bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "response_bytes",
+            "Response body bytes sent to clients",
+            response_bytes.clone(),
+        );
+        let spans_exported = Counter::default();
+        registry.register(
+            "trace_spans_exported",
+            "Spans the OTLP collector accepted",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "trace_spans_dropped",
+            "Spans dropped: queue-full (export behind) or export-failed (collector down or refusing)",
+            spans_dropped.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_lines",
+            "Access-log lines dropped because stdout was not read fast enough",
+            access_log_dropped.clone(),
+        );
+        let process = ProcessMetrics::register(&mut registry);
         let errors = Family::<ErrorLabels, Counter>::default();
         registry.register(
             "proxy_errors",
@@ -253,6 +333,12 @@ impl Metrics {
             policy_version,
             requests,
             request_duration,
+            request_bytes,
+            response_bytes,
+            spans_exported,
+            spans_dropped,
+            access_log_dropped,
+            process,
             errors,
             conns_opened,
             conns_closed,
@@ -263,29 +349,58 @@ impl Metrics {
         }
     }
 
-    pub fn request(
-        &self,
-        direction: Direction,
-        protocol: &'static str,
-        status: u16,
-        peer: Option<&Arc<str>>,
-        elapsed: Duration,
-    ) {
+    pub fn request(&self, r: &RequestRecord<'_>) {
         self.requests
             .get_or_create(&RequestLabels {
-                direction,
-                protocol,
-                status,
-                tls: peer.is_some(),
-                peer_identity: peer.cloned(),
+                direction: r.direction,
+                protocol: r.protocol,
+                destination: r.destination.clone(),
+                status: r.status,
+                grpc_status: r.grpc_status,
+                tls: r.peer.is_some(),
+                peer_identity: r.peer.cloned(),
             })
             .inc();
         self.request_duration
             .get_or_create(&LatencyLabels {
-                direction,
-                protocol,
+                direction: r.direction,
+                protocol: r.protocol,
+                destination: r.destination.clone(),
+                status_class: status_class(r.status),
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(r.latency.as_secs_f64());
+        let bytes = BytesLabels {
+            direction: r.direction,
+            protocol: r.protocol,
+            destination: r.destination.clone(),
+        };
+        if r.request_bytes > 0 {
+            self.request_bytes
+                .get_or_create(&bytes)
+                .inc_by(r.request_bytes);
+        }
+        self.response_bytes
+            .get_or_create(&bytes)
+            .inc_by(r.response_bytes);
+    }
+
+    /// Counters for the trace exporter: exported, dropped because the queue was full, dropped
+    /// because the export failed.
+    pub fn span_counters(&self) -> (Counter, Counter, Counter) {
+        let dropped = |reason| {
+            self.spans_dropped
+                .get_or_create(&ReasonLabels { reason })
+                .clone()
+        };
+        (
+            self.spans_exported.clone(),
+            dropped("queue-full"),
+            dropped("export-failed"),
+        )
+    }
+
+    pub fn access_log_dropped(&self) -> Counter {
+        self.access_log_dropped.clone()
     }
 
     pub fn error(&self, direction: Direction, cause: &'static str) {
@@ -387,10 +502,80 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.process.sample();
         let mut out = String::with_capacity(8 * 1024);
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The process's own resources, read from /proc when `/metrics` is scraped.
+struct ProcessMetrics {
+    rss: Gauge,
+    fds: Gauge,
+    cpu: Counter<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl ProcessMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let rss = Gauge::default();
+        registry.register_with_unit(
+            "process_resident_memory",
+            "Resident memory of the proxy process",
+            prometheus_client::registry::Unit::Bytes,
+            rss.clone(),
+        );
+        let fds = Gauge::default();
+        registry.register(
+            "process_open_fds",
+            "Open file descriptors (sockets included) of the proxy process",
+            fds.clone(),
+        );
+        let cpu = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "process_cpu_seconds",
+            "User and system CPU time the proxy process has used",
+            cpu.clone(),
+        );
+        Self { rss, fds, cpu }
+    }
+
+    fn sample(&self) {
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let (page, ticks) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PAGESIZE),
+                libc::sysconf(libc::_SC_CLK_TCK),
+            )
+        };
+        if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+            && let Some(pages) = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<i64>().ok())
+        {
+            self.rss.set(pages * page.max(1));
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // Minus the descriptor read_dir itself holds open.
+            self.fds.set(dir.count() as i64 - 1);
+        }
+        if let Ok(stat) = std::fs::read_to_string("/proc/self/stat")
+            && let Some(after_comm) = stat.rsplit_once(')').map(|(_, rest)| rest)
+        {
+            // Fields after the command name: state is field 3, utime 14 and stime 15.
+            let fields: Vec<&str> = after_comm.split_whitespace().collect();
+            let ticks_used: f64 = [11, 12]
+                .iter()
+                .filter_map(|i| fields.get(*i)?.parse::<f64>().ok())
+                .sum();
+            let seconds = ticks_used / ticks.max(1) as f64;
+            let delta = seconds - self.cpu.get();
+            if delta > 0.0 {
+                self.cpu.inc_by(delta);
+            }
+        }
     }
 }
 
@@ -423,34 +608,49 @@ mod tests {
     #[test]
     fn encodes_requests_errors_and_connections() {
         let m = Metrics::new();
-        m.request(
-            Direction::outbound,
-            "http1",
-            200,
-            None,
-            Duration::from_millis(3),
-        );
-        m.request(
-            Direction::inbound,
-            "http2",
-            200,
-            Some(&Arc::from("spiffe://cluster.local/ns/a/sa/b")),
-            Duration::from_millis(3),
-        );
+        let dst: Arc<str> = Arc::from("10.0.0.2:80");
+        let peer: Arc<str> = Arc::from("spiffe://cluster.local/ns/a/sa/b");
+        let record = |direction, protocol, grpc_status, peer| RequestRecord {
+            direction,
+            protocol,
+            destination: &dst,
+            status: 200,
+            grpc_status,
+            peer,
+            latency: Duration::from_millis(3),
+            request_bytes: 5,
+            response_bytes: 7,
+        };
+        m.request(&record(Direction::outbound, "http1", None, None));
+        m.request(&record(Direction::inbound, "grpc", Some(0), Some(&peer)));
         m.error(Direction::inbound, "connect-refused");
         let mut conn = m.connection(Direction::inbound);
         m.detected(&mut conn, "opaque");
         conn.read.inc_by(10);
         drop(conn);
+        let _ = m.span_counters();
         let text = m.encode();
+        assert!(
+            text.contains("trellis_process_resident_memory_bytes "),
+            "{text}"
+        );
+        assert!(text.contains("trellis_process_open_fds "), "{text}");
+        assert!(
+            text.contains("trellis_process_cpu_seconds_total "),
+            "{text}"
+        );
         for line in [
-            r#"trellis_requests_total{direction="outbound",protocol="http1",status="200",tls="false",peer_identity=""} 1"#,
-            r#"trellis_requests_total{direction="inbound",protocol="http2",status="200",tls="true",peer_identity="spiffe://cluster.local/ns/a/sa/b"} 1"#,
+            r#"trellis_requests_total{direction="outbound",protocol="http1",destination="10.0.0.2:80",status="200",grpc_status="",tls="false",peer_identity=""} 1"#,
+            r#"trellis_requests_total{direction="inbound",protocol="grpc",destination="10.0.0.2:80",status="200",grpc_status="0",tls="true",peer_identity="spiffe://cluster.local/ns/a/sa/b"} 1"#,
+            r#"trellis_request_duration_seconds_bucket{le="0.0032",direction="outbound",protocol="http1",destination="10.0.0.2:80",status_class="2xx"} 1"#,
+            r#"trellis_request_bytes_total{direction="outbound",protocol="http1",destination="10.0.0.2:80"} 5"#,
+            r#"trellis_response_bytes_total{direction="inbound",protocol="grpc",destination="10.0.0.2:80"} 7"#,
             r#"trellis_proxy_errors_total{direction="inbound",cause="connect-refused"} 1"#,
             r#"trellis_tcp_connections_opened_total{direction="inbound",protocol="opaque"} 1"#,
             r#"trellis_tcp_connections_closed_total{direction="inbound",protocol="opaque"} 1"#,
             r#"trellis_tcp_connections_open{direction="inbound"} 0"#,
             r#"trellis_tcp_read_bytes_total{direction="inbound"} 10"#,
+            r#"trellis_trace_spans_dropped_total{reason="queue-full"} 0"#,
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }

@@ -22,6 +22,9 @@ use crate::listener::{Listener, ListenerConfig};
 use crate::metrics::{Direction, Metrics};
 use crate::policy::routes::ClientScope;
 use crate::policy::{PolicyStore, control, file as policy_file};
+use crate::telemetry::access_log::AccessLogWriter;
+use crate::telemetry::export::{self, ExportHandle};
+use crate::telemetry::{AccessLog, Telemetry, Tracer};
 use crate::transport::{Connector, Pool, PoolConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,8 @@ pub enum RunError {
     Policy(#[from] policy_file::PolicyFileError),
     #[error("{0}")]
     Identity(String),
+    #[error("{0}")]
+    Telemetry(String),
 }
 
 pub fn run(args: RunArgs) -> Result<(), RunError> {
@@ -77,6 +82,7 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             config
         })
     };
+    let (telemetry, telemetry_threads) = telemetry(&args, &metrics)?;
     let admin_state = AdminState::new(metrics.clone(), config, shutdown.clone());
     let admin_listener =
         std::net::TcpListener::bind(args.admin_addr).map_err(|source| RunError::Bind {
@@ -99,14 +105,96 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             .build(),
     }
     .map_err(RunError::Runtime)?;
-    runtime.block_on(serve(
+    let grace = args.drain_grace_period;
+    let result = runtime.block_on(serve(
         args,
-        metrics,
-        policies,
-        admin_state,
-        shutdown,
-        identity_source,
-        control_plane,
+        Startup {
+            metrics,
+            policies,
+            admin: admin_state,
+            shutdown,
+            identity_source,
+            control_plane,
+            telemetry,
+        },
+    ));
+    // The drain is over: spans still queued get a short flush window, log lines are written.
+    telemetry_threads.shutdown(grace.min(std::time::Duration::from_secs(5)));
+    result
+}
+
+/// The threads that ship telemetry, stopped (and flushed) after the drain.
+struct TelemetryThreads {
+    exporter: Option<ExportHandle>,
+    access_log: Option<AccessLogWriter>,
+}
+
+impl TelemetryThreads {
+    fn shutdown(self, window: std::time::Duration) {
+        if let Some(exporter) = self.exporter {
+            exporter.shutdown(std::time::Instant::now() + window);
+        }
+        if let Some(writer) = self.access_log {
+            writer.shutdown();
+        }
+    }
+}
+
+/// Starts the trace exporter and the access log, as the flags say.
+fn telemetry(
+    args: &RunArgs,
+    metrics: &Metrics,
+) -> Result<(Arc<Telemetry>, TelemetryThreads), RunError> {
+    let (access_log, writer) = AccessLog::start(args.access_log, metrics.access_log_dropped())
+        .map_err(RunError::Runtime)?
+        .unzip();
+    let Some(endpoint) = args.otlp_endpoint.clone() else {
+        return Ok((
+            Arc::new(Telemetry {
+                tracer: None,
+                access_log,
+            }),
+            TelemetryThreads {
+                exporter: None,
+                access_log: writer,
+            },
+        ));
+    };
+    export::check_endpoint(&endpoint).map_err(RunError::Telemetry)?;
+    let (namespace, name) = match args.workload.as_deref().and_then(|w| w.split_once('/')) {
+        Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
+        None => (None, "trellis-proxy".to_string()),
+    };
+    let resource = export::resource(&export::ResourceInfo {
+        service_name: name,
+        namespace,
+        pod_name: args.pod_name.clone(),
+        service_account: args.service_account.clone(),
+    });
+    let (exported, dropped_full, dropped_failed) = metrics.span_counters();
+    let (tx, rx) = tokio::sync::mpsc::channel(export::QUEUE_CAPACITY);
+    let wake = Arc::new(Notify::new());
+    let handle = export::spawn(
+        endpoint,
+        resource,
+        rx,
+        wake.clone(),
+        export::ExportMetrics {
+            exported,
+            dropped_export_failed: dropped_failed,
+        },
+    )
+    .map_err(RunError::Runtime)?;
+    let tracer = Tracer::new(tx, wake, args.trace_sample_ratio, dropped_full);
+    Ok((
+        Arc::new(Telemetry {
+            tracer: Some(tracer),
+            access_log,
+        }),
+        TelemetryThreads {
+            exporter: Some(handle),
+            access_log: writer,
+        },
     ))
 }
 
@@ -186,15 +274,27 @@ fn trust_anchors(args: &RunArgs) -> Result<Vec<u8>, RunError> {
     Ok(pem)
 }
 
-async fn serve(
-    args: RunArgs,
+/// What `run` prepared before the runtime started.
+struct Startup {
     metrics: Arc<Metrics>,
     policies: Arc<PolicyStore>,
     admin: Arc<AdminState>,
     shutdown: Arc<Notify>,
     identity_source: IdentitySource,
     control_plane: Option<ControlPlane>,
-) -> Result<(), RunError> {
+    telemetry: Arc<Telemetry>,
+}
+
+async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
+    let Startup {
+        metrics,
+        policies,
+        admin,
+        shutdown,
+        identity_source,
+        control_plane,
+        telemetry,
+    } = startup;
     let (installer, identity) = Installer::new(metrics.clone());
     let needs_identity = !matches!(identity_source, IdentitySource::None);
     match identity_source {
@@ -280,7 +380,7 @@ async fn serve(
                 opaque_ports: args.opaque_ports.clone(),
                 own_ports: own_ports.clone(),
                 max_connections: args.max_connections,
-                access_log: args.access_log,
+                telemetry: telemetry.clone(),
                 idle_timeout,
             },
             pool,

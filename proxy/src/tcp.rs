@@ -8,15 +8,16 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::balance::Verdict;
-use crate::cli::AccessLog;
 use crate::error::ProxyError;
 use crate::io::{Activity, BoxIo, Io};
 use crate::policy::Snapshot;
 use crate::policy::routes::Route;
 use crate::retry::{self, Budget, Failure};
+use crate::telemetry::Telemetry;
+use crate::telemetry::access_log::{Record, TcpRecord};
 use crate::transport::{Connector, Endpoint};
 
 /// Where an opaque connection goes and how long it may stay silent.
@@ -32,50 +33,67 @@ pub struct TcpTarget {
 }
 
 /// Connects to the target and copies bytes both ways until both directions are done.
+/// `peer`: inbound over mesh TLS, the client's verified identity.
 pub async fn forward<I: Io>(
     mut client: I,
     client_addr: SocketAddr,
     target: TcpTarget,
     activity: Activity,
     connector: &Connector,
-    access_log: AccessLog,
+    telemetry: &Telemetry,
+    peer: Option<Arc<str>>,
 ) {
     let start = Instant::now();
+    let start_time = SystemTime::now();
     let direction = connector.direction();
-    let (mut upstream, dst) = match connect(&target, connector).await {
+    let log = |upstream: SocketAddr,
+               peer: Option<Arc<str>>,
+               bytes: (u64, u64),
+               error: Option<&'static str>,
+               detail: Option<String>| {
+        if let Some(log) = &telemetry.access_log {
+            log.log(Record::Tcp(Box::new(TcpRecord {
+                time: start_time,
+                direction,
+                client: client_addr,
+                upstream,
+                duration: start.elapsed(),
+                request_bytes: bytes.0,
+                response_bytes: bytes.1,
+                tls: peer.is_some(),
+                peer_identity: peer,
+                error,
+                error_detail: detail,
+            })));
+        }
+    };
+    let (mut upstream, dst, server_identity) = match connect(&target, connector).await {
         Ok(connected) => connected,
         Err((err, dst)) => {
             connector.metrics().error(direction, err.cause());
             tracing::warn!(
-                target: "trellis::access",
                 direction = direction.as_str(), protocol = "opaque", client = %client_addr,
                 dst = %dst, error = err.cause(), reason = %err,
                 "tcp connection failed in the proxy"
             );
+            log(dst, peer, (0, 0), Some(err.cause()), Some(err.to_string()));
             return;
         }
     };
     let result = tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result,
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result.map_err(|e| (None, e)),
         _ = activity.expired(target.idle_timeout) => {
             connector.metrics().error(direction, "idle-timeout");
-            Err(std::io::Error::new(
+            Err((Some("idle-timeout"), std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("idle-timeout: no traffic for {:?}", target.idle_timeout.unwrap_or_default()),
-            ))
+                format!("no traffic for {:?}", target.idle_timeout.unwrap_or_default()),
+            )))
         }
     };
-    let failed = result.is_err();
-    if access_log == AccessLog::All || (access_log == AccessLog::Errors && failed) {
-        let (sent, received) = result.as_ref().map(|(a, b)| (*a, *b)).unwrap_or_default();
-        tracing::info!(
-            target: "trellis::access",
-            direction = direction.as_str(), protocol = "opaque", client = %client_addr,
-            dst = %dst, bytes_sent = sent, bytes_received = received,
-            duration_ms = start.elapsed().as_secs_f64() * 1e3,
-            error = result.as_ref().err().map(|e| e.to_string()),
-            "tcp connection"
-        );
+    let peer = peer.or(server_identity);
+    match result {
+        Ok(bytes) => log(dst, peer, bytes, None, None),
+        Err((cause, e)) => log(dst, peer, (0, 0), cause, Some(e.to_string())),
     }
 }
 
@@ -84,11 +102,11 @@ pub async fn forward<I: Io>(
 async fn connect(
     target: &TcpTarget,
     connector: &Connector,
-) -> Result<(BoxIo, SocketAddr), (ProxyError, SocketAddr)> {
+) -> Result<(BoxIo, SocketAddr, Option<Arc<str>>), (ProxyError, SocketAddr)> {
     let Some((route, budget)) = &target.route else {
         let endpoint = Endpoint::plaintext(target.orig_dst);
         return match connector.connect(&endpoint, "opaque").await {
-            Ok(io) => Ok((io, target.orig_dst)),
+            Ok(io) => Ok((io, target.orig_dst, None)),
             Err(e) => Err((e, target.orig_dst)),
         };
     };
@@ -123,7 +141,7 @@ async fn connect(
                 if let Some(f) = in_flight {
                     f.succeeded();
                 }
-                return Ok((io, addr));
+                return Ok((io, addr, endpoint.identity));
             }
             Err(err) => {
                 if let Some(f) = in_flight

@@ -127,10 +127,12 @@ fn the_overall_timeout_ends_the_call_with_a_named_504() {
         ),
         1.0
     );
-    assert!(
-        client.proxy_log().contains("\"attempts\":1"),
-        "the access log names the attempt count"
+    let line = client.expect_access_log_line("for the 504", |l| l["status"] == 504);
+    assert_eq!(
+        line["attempts"], 1,
+        "the access log names the attempt count: {line}"
     );
+    assert_eq!(line["trellis_error"], "timeout", "{line}");
 }
 
 #[test]

@@ -17,20 +17,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::header::{CONTENT_LENGTH, HOST};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use opentelemetry::trace::SpanKind;
 
 use super::body::TimedBody;
+use super::exchange::{Completion, Counted, Exchange, ResponseFacts, SpanInFlight};
 use super::{
     BoxBody, BoxError, ConnInfo, ORIG_PROTO_HEADER, PEER_IDENTITY_HEADER, RequestSummary,
     bridge_upgrade, error_response, is_grpc, upstream_uri,
 };
 use crate::balance::Verdict;
-use crate::cli::AccessLog;
 use crate::detect::Protocol;
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::inbound;
@@ -39,6 +41,9 @@ use crate::policy::PolicyStore;
 use crate::policy::routes::Route;
 use crate::replay::ReplayBody;
 use crate::retry::{self, Failure};
+use crate::telemetry::context::Incoming as IncomingContext;
+use crate::telemetry::semconv::{HttpFacts, http_span};
+use crate::telemetry::{Parent, Telemetry};
 use crate::transport::{Endpoint, HttpVersion, Pool};
 
 /// Per-listener HTTP forwarding.
@@ -46,8 +51,10 @@ pub struct Forwarder {
     direction: Direction,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
-    access_log: AccessLog,
+    telemetry: Arc<Telemetry>,
     policies: Arc<PolicyStore>,
+    /// Proxy-made errors also go to the diagnostic log (stderr), at most a few per second.
+    error_log: crate::error::RateLimited,
 }
 
 /// A request ready to send, minus its body.
@@ -71,6 +78,33 @@ struct Outcome {
     idle_timeout: Option<Duration>,
     /// The server's identity when the call went over mesh TLS (outbound).
     peer: Option<Arc<str>>,
+    /// The span that ends with the response: SERVER inbound, the last attempt's CLIENT span
+    /// outbound.
+    span: Option<SpanInFlight>,
+}
+
+impl Outcome {
+    /// The proxy failed the request before sending it anywhere.
+    fn failed(err: ProxyError, endpoint: SocketAddr) -> Self {
+        Self {
+            result: Err(err),
+            attempts: 0,
+            route: None,
+            endpoint,
+            deadline: None,
+            idle_timeout: None,
+            peer: None,
+            span: None,
+        }
+    }
+}
+
+/// `network.protocol.version` of a hop.
+fn version_label(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Http2 => "2",
+        _ => "1.1",
+    }
 }
 
 impl Forwarder {
@@ -78,15 +112,16 @@ impl Forwarder {
         direction: Direction,
         pool: Arc<Pool>,
         metrics: Arc<Metrics>,
-        access_log: AccessLog,
+        telemetry: Arc<Telemetry>,
         policies: Arc<PolicyStore>,
     ) -> Self {
         Self {
             direction,
             pool,
             metrics,
-            access_log,
+            telemetry,
             policies,
+            error_log: crate::error::RateLimited::new(10),
         }
     }
 
@@ -96,8 +131,40 @@ impl Forwarder {
         let upgrade = conn.protocol == Protocol::Http1 && super::wants_upgrade(req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let grpc = is_grpc(&req);
-        let method = req.method().clone();
-        let target = RequestSummary::of(&req);
+        let tracer = self.telemetry.tracer.as_ref();
+        // The caller's trace context, read before any header is touched.
+        let parent = tracer.map(|t| t.parent(IncomingContext::extract(req.headers())));
+        let mut ex = Box::new(Exchange {
+            telemetry: self.telemetry.clone(),
+            metrics: self.metrics.clone(),
+            direction: self.direction,
+            protocol: if grpc { "grpc" } else { conn.protocol.as_str() },
+            method: req.method().clone(),
+            target: RequestSummary::of(&req),
+            grpc,
+            client: conn.client,
+            orig_dst: *conn.orig_dst.as_ref().unwrap_or(&conn.client),
+            destination: conn.destination.clone(),
+            start,
+            start_time: SystemTime::now(),
+            request_bytes: None,
+            response: ResponseFacts {
+                peer: match self.direction {
+                    Direction::inbound => conn.peer.as_ref().map(|p| p.name.clone()),
+                    Direction::outbound => None,
+                },
+                ..ResponseFacts::default()
+            },
+        });
+        // Inbound: the SERVER span covers the whole request, refusals included.
+        let server_span = match (self.direction, parent) {
+            (Direction::inbound, Some(parent)) => Some(SpanInFlight {
+                span: parent.child(SpanKind::Server),
+                version: version_label(conn.protocol),
+                resend_count: 0,
+            }),
+            _ => None,
+        };
 
         let orig_dst = match &conn.orig_dst {
             Ok(addr) => *addr,
@@ -105,16 +172,9 @@ impl Forwarder {
                 let err = ProxyError::NoOriginalDestination {
                     reason: reason.clone(),
                 };
-                let outcome = Outcome {
-                    result: Err(err),
-                    attempts: 0,
-                    route: None,
-                    endpoint: conn.client,
-                    deadline: None,
-                    idle_timeout: None,
-                    peer: None,
-                };
-                return self.respond(outcome, grpc, &method, &target, conn, start, None);
+                let mut outcome = Outcome::failed(err, conn.client);
+                outcome.span = server_span;
+                return self.respond(ex, outcome, client_upgrade);
             }
         };
         let (mut parts, body) = req.into_parts();
@@ -138,16 +198,9 @@ impl Forwarder {
             };
             if let Err(reason) = verdict {
                 tracing::warn!(direction = "inbound", client = %conn.client, peer = conn.peer.as_ref().map_or("plaintext", |p| &*p.name), dst = %orig_dst, error = "unauthorized", %reason, "request refused");
-                let outcome = Outcome {
-                    result: Err(ProxyError::Unauthorized { reason }),
-                    attempts: 0,
-                    route: None,
-                    endpoint: orig_dst,
-                    deadline: None,
-                    idle_timeout: None,
-                    peer: None,
-                };
-                return self.respond(outcome, grpc, &method, &target, conn, start, None);
+                let mut outcome = Outcome::failed(ProxyError::Unauthorized { reason }, orig_dst);
+                outcome.span = server_span;
+                return self.respond(ex, outcome, client_upgrade);
             }
             if let Some(peer) = &conn.peer {
                 parts
@@ -166,6 +219,10 @@ impl Forwarder {
                     }
                 }
             }
+            // The app sees the proxy's SERVER span as its caller.
+            if let Some(s) = &server_span {
+                s.span.inject(&mut parts.headers);
+            }
         }
         parts.uri = upstream_uri(&parts, version, orig_dst);
         if version == HttpVersion::Http1 && !parts.headers.contains_key(HOST) {
@@ -174,7 +231,10 @@ impl Forwarder {
                 parts.headers.insert(HOST, host);
             }
         }
-        let body = body.map_err(BoxError::from).boxed_unsync();
+        let request_bytes = Arc::new(AtomicU64::new(0));
+        ex.request_bytes = Some(request_bytes.clone());
+        let body =
+            Counted::new(body.map_err(BoxError::from).boxed_unsync(), request_bytes).boxed_unsync();
         let call = Call {
             parts,
             version,
@@ -183,10 +243,17 @@ impl Forwarder {
             upgrade,
         };
         let outcome = match self.direction {
-            Direction::inbound => self.deliver(call, body).await,
-            Direction::outbound => self.call(call, body, &target.authority, start).await,
+            Direction::inbound => {
+                let mut outcome = self.deliver(call, body).await;
+                outcome.span = server_span;
+                outcome
+            }
+            Direction::outbound => {
+                let authority = ex.target.authority.clone();
+                self.call(call, body, &authority, start, parent).await
+            }
         };
-        self.respond(outcome, grpc, &method, &target, conn, start, client_upgrade)
+        self.respond(ex, outcome, client_upgrade)
     }
 
     /// Inbound: one attempt, to the app at the original destination.
@@ -201,11 +268,18 @@ impl Forwarder {
             deadline: None,
             idle_timeout: None,
             peer: None,
+            span: None,
         }
     }
 
-    /// Outbound: the matching policy's endpoints, timeouts and retries.
-    async fn call(&self, call: Call, body: BoxBody, authority: &str, start: Instant) -> Outcome {
+    async fn call(
+        &self,
+        call: Call,
+        body: BoxBody,
+        authority: &str,
+        start: Instant,
+        parent: Option<Parent>,
+    ) -> Outcome {
         let snapshot = self.policies.current();
         let route: Arc<Route> = snapshot
             .routes
@@ -238,7 +312,7 @@ impl Forwarder {
         ));
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempts = 0u32;
-        let done = |result, attempts, endpoint, peer| Outcome {
+        let done = |result, attempts, endpoint, peer, span| Outcome {
             result,
             attempts,
             route: Some(route.clone()),
@@ -246,9 +320,16 @@ impl Forwarder {
             deadline,
             idle_timeout,
             peer,
+            span,
         };
         loop {
             attempts += 1;
+            // One CLIENT span per attempt, siblings under the caller's span.
+            let mut span = parent.map(|p| SpanInFlight {
+                span: p.child(SpanKind::Client),
+                version: "1.1",
+                resend_count: attempts - 1,
+            });
             let (addr, in_flight) = match &route.balancer {
                 Some(balancer) => match balancer.pick(&tried) {
                     Some(endpoint) => (endpoint.addr, Some(endpoint.start())),
@@ -257,7 +338,7 @@ impl Forwarder {
                             policy: route.name.clone(),
                             endpoints: balancer.endpoints().len(),
                         };
-                        return done(Err(err), attempts, call.orig_dst, last_peer);
+                        return done(Err(err), attempts, call.orig_dst, last_peer, span);
                     }
                 },
                 None => (call.orig_dst, None),
@@ -271,6 +352,7 @@ impl Forwarder {
                     attempts,
                     addr,
                     last_peer,
+                    span,
                 );
             };
             let spare = this_body.try_clone();
@@ -289,6 +371,14 @@ impl Forwarder {
                     .insert(ORIG_PROTO_HEADER, HeaderValue::from_static("HTTP/1.1"));
             }
             last_peer.clone_from(&mesh);
+            if let Some(s) = &mut span {
+                s.version = if upstream_version == HttpVersion::Http2 {
+                    "2"
+                } else {
+                    "1.1"
+                };
+                s.span.inject(&mut parts.headers);
+            }
             let req = Request::from_parts(parts, this_body.boxed_unsync());
 
             let attempt_deadline = match (retries.per_try_timeout, deadline) {
@@ -312,6 +402,7 @@ impl Forwarder {
                             attempts,
                             addr,
                             last_peer,
+                            span,
                         );
                     }
                     Err(_) => Err(ProxyError::PerTryTimeout {
@@ -328,7 +419,7 @@ impl Forwarder {
                 if let Some(in_flight) = in_flight {
                     in_flight.succeeded();
                 }
-                return done(result, attempts, addr, last_peer);
+                return done(result, attempts, addr, last_peer, span);
             }
             let failure = match &result {
                 Ok(rsp) => classify_response(rsp),
@@ -346,14 +437,14 @@ impl Forwarder {
                 }
             }
             let Some(failure) = failure else {
-                return done(result, attempts, addr, last_peer);
+                return done(result, attempts, addr, last_peer, span);
             };
             let retryable = attempts <= max_retries
                 && failure.listed_in(&retries.on)
                 && (failure.never_reached_app() || may_replay)
                 && spare.is_some();
             if !retryable {
-                return done(result, attempts, addr, last_peer);
+                return done(result, attempts, addr, last_peer, span);
             }
             if !budget.try_withdraw() {
                 self.metrics.retry_budget_exhausted(&route.name);
@@ -361,10 +452,21 @@ impl Forwarder {
                     policy: route.name.clone(),
                     last: Box::new(last),
                 });
-                return done(result, attempts, addr, last_peer);
+                return done(result, attempts, addr, last_peer, span);
             }
             self.metrics.retry(&route.name, failure.reason());
             tracing::debug!(policy = %route.name, endpoint = %addr, attempt = attempts, reason = failure.reason(), "retrying");
+            if let Some(s) = span {
+                self.end_attempt(
+                    s,
+                    &call,
+                    authority,
+                    &route,
+                    addr,
+                    last_peer.as_deref(),
+                    &result,
+                );
+            }
             drop(result);
             let pause = retry::backoff(&retries.backoff, attempts);
             if let Some(d) = deadline
@@ -377,6 +479,8 @@ impl Forwarder {
                     attempts,
                     addr,
                     last_peer,
+                    // This attempt's span has ended; the timeout belongs to no attempt.
+                    None,
                 );
             }
             tokio::time::sleep(pause).await;
@@ -384,50 +488,91 @@ impl Forwarder {
         }
     }
 
-    /// Turns an outcome into the client's response, and records it.
+    /// Ends the span of an attempt that is about to be retried.
     #[allow(clippy::too_many_arguments)]
+    fn end_attempt(
+        &self,
+        s: SpanInFlight,
+        call: &Call,
+        authority: &str,
+        route: &Route,
+        addr: SocketAddr,
+        peer: Option<&str>,
+        result: &Result<Response<Incoming>, ProxyError>,
+    ) {
+        let Some(tracer) = &self.telemetry.tracer else {
+            return;
+        };
+        let (status, grpc_status, error) = match result {
+            Ok(rsp) => (
+                Some(rsp.status().as_u16()),
+                Exchange::grpc_status_of(rsp.headers()),
+                rsp.headers()
+                    .get(ERROR_HEADER)
+                    .and_then(|v| crate::error::known_cause(v.to_str().ok()?)),
+            ),
+            Err(e) => (None, None, Some(e.cause())),
+        };
+        let (name, attrs, status) = http_span(&HttpFacts {
+            kind: SpanKind::Client,
+            method: &call.parts.method,
+            authority,
+            path: call.parts.uri.path(),
+            orig_dst: call.orig_dst,
+            version: s.version,
+            grpc: call.grpc,
+            status,
+            grpc_status,
+            error,
+            peer_identity: peer,
+            tls: peer.is_some(),
+            policy: Some(&route.name),
+            client: None,
+            upstream: Some(addr),
+            resend_count: s.resend_count,
+        });
+        tracer.end(s.span, name, attrs, status);
+    }
+
+    /// Turns an outcome into the client's response; the exchange is recorded when the
+    /// response body ends.
     fn respond(
         &self,
+        mut ex: Box<Exchange>,
         outcome: Outcome,
-        grpc: bool,
-        method: &Method,
-        target: &RequestSummary,
-        conn: &ConnInfo,
-        start: Instant,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     ) -> Response<BoxBody> {
-        let protocol = conn.protocol.as_str();
-        let elapsed = start.elapsed();
+        let r = &mut ex.response;
+        r.latency = ex.start.elapsed();
+        r.attempts = outcome.attempts;
+        r.upstream = Some(outcome.endpoint);
+        r.route = outcome.route;
+        r.span = outcome.span;
+        // Outbound: the server's identity (inbound: the client's, known since the handshake).
+        if self.direction == Direction::outbound {
+            r.peer = outcome.peer;
+        }
         let mut rsp = match outcome.result {
             Ok(rsp) => rsp,
             Err(err) => {
                 let cause = err.cause();
-                let rsp = error_response(&err, grpc);
+                let rsp = error_response(&err, ex.grpc);
                 self.metrics.error(self.direction, cause);
-                let peer = conn
-                    .peer
-                    .as_ref()
-                    .map(|p| &p.name)
-                    .or(outcome.peer.as_ref());
-                self.metrics.request(
-                    self.direction,
-                    protocol,
-                    rsp.status().as_u16(),
-                    peer,
-                    elapsed,
-                );
-                if self.access_log != AccessLog::Off {
+                self.error_log.warn(|| {
                     tracing::warn!(
-                        target: "trellis::access",
-                        direction = self.direction.as_str(), protocol, method = %method,
-                        authority = %target.authority, path = %target.path,
-                        status = rsp.status().as_u16(), duration_ms = elapsed.as_secs_f64() * 1e3,
-                        client = %conn.client, dst = %outcome.endpoint, attempts = outcome.attempts,
-                        policy = outcome.route.as_ref().map_or("", |r| r.name.as_str()), error = cause, reason = %err,
+                        direction = self.direction.as_str(), method = %ex.method,
+                        authority = %ex.target.authority, path = %ex.target.path,
+                        status = rsp.status().as_u16(), client = %ex.client, dst = %outcome.endpoint,
+                        attempts = outcome.attempts, error = cause, reason = %err,
                         "request failed in the proxy"
-                    );
-                }
-                return rsp;
+                    )
+                });
+                let r = &mut ex.response;
+                r.status = rsp.status().as_u16();
+                r.grpc_status = Exchange::grpc_status_of(rsp.headers());
+                r.error = Some(cause);
+                r.error_detail = Some(err.to_string());
+                return rsp.map(|body| Completion::new(body, ex).boxed_unsync());
             }
         };
         let status = rsp.status();
@@ -441,26 +586,16 @@ impl Forwarder {
         }
         if self.direction == Direction::inbound {
             rsp.headers_mut().remove(ERROR_HEADER);
-        }
-        let peer = conn
-            .peer
-            .as_ref()
-            .map(|p| &p.name)
-            .or(outcome.peer.as_ref());
-        self.metrics
-            .request(self.direction, protocol, status.as_u16(), peer, elapsed);
-        if self.access_log == AccessLog::All
-            || (self.access_log == AccessLog::Errors && status.is_server_error())
+        } else if let Some(cause) = rsp
+            .headers()
+            .get(ERROR_HEADER)
+            .and_then(|v| v.to_str().ok())
         {
-            tracing::info!(
-                target: "trellis::access",
-                direction = self.direction.as_str(), protocol, method = %method,
-                authority = %target.authority, path = %target.path, status = status.as_u16(),
-                duration_ms = elapsed.as_secs_f64() * 1e3, client = %conn.client,
-                dst = %outcome.endpoint, attempts = outcome.attempts, policy = outcome.route.as_ref().map_or("", |r| r.name.as_str()),
-                "request"
-            );
+            // The far sidecar's error, passed on: the access log and span say which.
+            ex.response.error = crate::error::known_cause(cause);
         }
+        ex.response.status = status.as_u16();
+        ex.response.grpc_status = Exchange::grpc_status_of(rsp.headers());
         // A response of known length is part of a unary exchange: the deadline covers its body.
         // Others (streams) are bounded by the idle timeout only.
         let known_length = rsp.headers().contains_key(CONTENT_LENGTH);
@@ -470,11 +605,12 @@ impl Forwarder {
             .map(tokio::time::Instant::from_std);
         rsp.map(|b| {
             let body = b.map_err(BoxError::from).boxed_unsync();
-            if deadline.is_none() && outcome.idle_timeout.is_none() {
+            let body = if deadline.is_none() && outcome.idle_timeout.is_none() {
                 body
             } else {
                 TimedBody::new(body, deadline, outcome.idle_timeout).boxed_unsync()
-            }
+            };
+            Completion::new(body, ex).boxed_unsync()
         })
     }
 }

@@ -10,6 +10,7 @@
 //! `UNAVAILABLE` with the cause instead of a protocol error.
 
 mod body;
+mod exchange;
 mod forward;
 mod headers;
 
@@ -47,6 +48,9 @@ pub struct ConnInfo {
     /// Inbound over mesh TLS: the client's verified identity. Each request is authorized
     /// against the ServerPolicy in force when it arrives.
     pub peer: Option<Peer>,
+    /// The `destination` metrics label for requests no policy names: the original destination
+    /// address, formatted once per connection.
+    pub destination: Arc<str>,
 }
 
 /// A mesh client verified at the handshake, with what every request needs from it prepared
@@ -72,11 +76,16 @@ impl ConnInfo {
         orig_dst: Result<SocketAddr, String>,
         protocol: Protocol,
     ) -> Self {
+        let destination = match &orig_dst {
+            Ok(addr) => Arc::from(addr.to_string()),
+            Err(_) => Arc::from(""),
+        };
         Self {
             client,
             orig_dst,
             protocol,
             peer: None,
+            destination,
         }
     }
 }

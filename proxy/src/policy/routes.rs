@@ -32,10 +32,24 @@ pub struct Route {
     /// The identity the server must prove when the policy asks for mutual TLS
     /// (`tls.serverIdentity`, or any mesh identity when it names none); `None`: plaintext.
     pub mtls_identity: Option<Arc<str>>,
+    /// The `destination` metrics label: the policy's host (and port), or its name when it is
+    /// keyed by address; `None` for the defaults, whose calls are labelled by address.
+    pub destination: Option<Arc<str>>,
 }
 
 impl Route {
     /// The mutual TLS identity a policy asks for.
+    /// The `destination` label a policy's calls carry (see [`Route::destination`]).
+    pub fn destination_of(name: &str, policy: &TrafficPolicy) -> Option<Arc<str>> {
+        let d = &policy.destination;
+        match (&d.host, d.port) {
+            (Some(host), Some(port)) => Some(Arc::from(format!("{host}:{port}"))),
+            (Some(host), None) => Some(Arc::from(host.as_str())),
+            (None, _) if !d.addresses.is_empty() => Some(Arc::from(name)),
+            _ => None,
+        }
+    }
+
     pub fn mtls_identity_of(policy: &TrafficPolicy) -> Option<Arc<str>> {
         let tls = policy.tls.as_ref().filter(|t| t.mode == TlsMode::Mutual)?;
         Some(Arc::from(
@@ -65,6 +79,7 @@ impl Route {
             balancer: None,
             builtin: true,
             mtls_identity: None,
+            destination: None,
         }
     }
 }
@@ -213,6 +228,7 @@ mod tests {
                     balancer: None,
                     builtin: false,
                     mtls_identity: None,
+                    destination: None,
                 })
             })
             .collect();

@@ -129,6 +129,7 @@ impl PolicyStore {
                 let balancer = (!p.destination.endpoints.is_empty())
                     .then(|| Balancer::new(&p.destination.endpoints, &self.endpoints));
                 Arc::new(Route {
+                    destination: Route::destination_of(&name, p),
                     name,
                     mtls_identity: Route::mtls_identity_of(p),
                     policy: p.clone(),

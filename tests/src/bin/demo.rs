@@ -2,12 +2,15 @@
 //!
 //! Three pods in network namespaces with real interception rules and real sidecars; traffic of
 //! every kind flows from one to the other; the report shows each hop from the proxies' own access
-//! logs, a failure the proxy names, and the proxies' key metrics.
+//! logs and the trace its spans form, a failure the proxy names, and the proxies' key metrics.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::harness::{Mesh, Pod, Scrape, missing_privileges};
+use trellis_tests::harness::{
+    Mesh, OtlpReceiver, Pod, SPAN_KIND_SERVER, Scrape, missing_privileges,
+};
 
 fn main() -> ExitCode {
     if let Some(reason) = missing_privileges() {
@@ -20,10 +23,22 @@ fn main() -> ExitCode {
     // The control plane runs in a pod of its own; every sidecar follows it.
     let control = mesh.pod("control");
     control.start_control_plane(&mesh.log_dir().join("control-state"));
+    // Spans go to TRELLIS_DEMO_OTLP_ENDPOINT (a Jaeger reachable from the pods' bridge) or to a
+    // small OTLP receiver of the demo's own, in a pod of its own.
+    let own_endpoint = std::env::var("TRELLIS_DEMO_OTLP_ENDPOINT").ok();
+    let collector = own_endpoint.is_none().then(|| mesh.pod("collector"));
+    let receiver = collector.as_ref().map(OtlpReceiver::start);
+    let otlp = own_endpoint
+        .clone()
+        .or_else(|| receiver.as_ref().map(OtlpReceiver::url))
+        .unwrap_or_default();
     // Every sidecar joins the mesh with a join token: its certificate comes from the control
     // plane's CA before it reports ready.
     let sidecar = |pod: &Pod, sa: &str| {
-        let flags = control.mesh_flags(&mesh, &format!("default/{}", pod.name), sa);
+        let mut flags = control.mesh_flags(&mesh, &format!("default/{}", pod.name), sa);
+        flags.extend(["--otlp-endpoint".into(), otlp.clone()]);
+        flags.extend(["--trace-sample-ratio".into(), "1.0".into()]);
+        flags.extend(["--pod-name".into(), format!("{}-0", pod.name)]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         pod.start_sidecar(&flags);
     };
@@ -49,6 +64,12 @@ fn main() -> ExitCode {
     );
     println!("and a sidecar (`trellis-proxy run`, UID 2102):\n");
     println!("  {:<12} {:<10} {:<8} apps", "pod", "IPv4", "IPv6");
+    if let Some(c) = &collector {
+        println!(
+            "  {:<12} {:<10} {:<8} an OTLP/gRPC receiver on :4317 standing in for Jaeger",
+            c.name, c.ip, c.ip6
+        );
+    }
     println!(
         "  {:<12} {:<10} {:<8} curl and trellis-testapp clients",
         productpage.name, productpage.ip, productpage.ip6
@@ -87,7 +108,12 @@ fn main() -> ExitCode {
         .map(|r| r.status.to_string())
         .collect();
     println!("   statuses: {}", statuses.join(" "));
-    hops(&productpage, &reviews, "http1");
+    let trace_id = hops(&productpage, &reviews, "http1");
+    trace(
+        receiver.as_ref(),
+        own_endpoint.as_deref(),
+        trace_id.as_deref(),
+    );
 
     section(
         2,
@@ -318,19 +344,27 @@ fn section(n: u32, title: &str, what: &str) {
     println!("\n{n}. {title}\n   {what}");
 }
 
-/// Prints the last access-log line of each proxy for `protocol`: the request's two hops.
-fn hops(client: &Pod, server: &Pod, protocol: &str) {
-    for (hop, pod, direction) in [(1, client, "outbound"), (2, server, "inbound")] {
-        let line = pod
-            .proxy_log()
-            .lines()
-            .rev()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .find(|v| {
-                v["target"] == "trellis::access"
-                    && v["direction"] == direction
-                    && v["protocol"] == protocol
-            });
+/// Prints the request's two hops from the proxies' access logs: the client sidecar's last
+/// outbound line for `protocol`, and the server sidecar's line for the same request (same kind,
+/// authority and path; between meshed sidecars an HTTP/1.1 request may travel as HTTP/2).
+fn hops(client: &Pod, server: &Pod, protocol: &str) -> Option<String> {
+    // A sidecar writes a line once the response has ended: allow it a moment.
+    let wait = std::time::Duration::from_secs(2);
+    let out = client.access_log_line(wait, |v| {
+        v["direction"] == "outbound" && v["protocol"] == protocol
+    });
+    let inb = out.as_ref().and_then(|o| {
+        server.access_log_line(wait, |v| {
+            v["direction"] == "inbound"
+                && v["kind"] == o["kind"]
+                && (o["kind"] == "tcp"
+                    || (v["authority"] == o["authority"] && v["path"] == o["path"]))
+        })
+    });
+    for (hop, pod, direction, line) in [
+        (1, client, "outbound", out.as_ref()),
+        (2, server, "inbound", inb.as_ref()),
+    ] {
         let Some(v) = line else {
             println!(
                 "   hop {hop}  {:<11} {direction:<8} (no access log line)",
@@ -338,24 +372,70 @@ fn hops(client: &Pod, server: &Pod, protocol: &str) {
             );
             continue;
         };
-        let what = match v["method"].as_str() {
-            Some(method) => format!(
-                "{method} {}{}  → {}",
+        let what = match v["kind"].as_str() {
+            Some("tcp") => format!(
+                "tcp {} bytes sent, {} received",
+                v["request_bytes"], v["response_bytes"]
+            ),
+            _ => format!(
+                "{} {}{} ({})  → {}",
+                v["method"].as_str().unwrap_or("?"),
                 v["authority"].as_str().unwrap_or(""),
                 v["path"].as_str().unwrap_or(""),
+                v["protocol"].as_str().unwrap_or("?"),
                 v["status"]
-            ),
-            None => format!(
-                "tcp {} bytes sent, {} received",
-                v["bytes_sent"], v["bytes_received"]
             ),
         };
         println!(
             "   hop {hop}  {:<11} {direction:<8} from {:<22} to {:<22} {what}  {:.2} ms",
             pod.name,
             v["client"].as_str().unwrap_or("?"),
-            v["dst"].as_str().unwrap_or("?"),
+            v["upstream"].as_str().unwrap_or("?"),
             v["duration_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    out.and_then(|o| o["trace_id"].as_str().map(str::to_string))
+}
+
+/// Prints the trace id of the last request and the spans its hops sent.
+fn trace(receiver: Option<&OtlpReceiver>, endpoint: Option<&str>, trace_id: Option<&str>) {
+    let Some(trace_id) = trace_id else {
+        println!("   (no trace id in the access log)");
+        return;
+    };
+    println!("   trace id {trace_id}  (Jaeger: http://<jaeger>:16686/trace/{trace_id})");
+    let Some(receiver) = receiver else {
+        println!("   spans sent to {}", endpoint.unwrap_or("?"));
+        return;
+    };
+    // Two spans per request: the client sidecar's CLIENT span, the server sidecar's SERVER span.
+    let spans = receiver.wait_until(Duration::from_secs(5), |spans| {
+        spans.iter().filter(|s| s.trace_id == trace_id).count() >= 2
+    });
+    let mut spans: Vec<_> = spans
+        .into_iter()
+        .filter(|s| s.trace_id == trace_id)
+        .collect();
+    spans.sort_by_key(|s| s.start_unix_nanos);
+    println!(
+        "   spans the demo's OTLP receiver got for it (set TRELLIS_DEMO_OTLP_ENDPOINT to use a Jaeger):"
+    );
+    for s in &spans {
+        let depth = usize::from(!s.is_root()) * 2;
+        let kind = if s.kind == SPAN_KIND_SERVER {
+            "SERVER"
+        } else {
+            "CLIENT"
+        };
+        println!(
+            "     {:depth$}{kind} {:<22} service={:<12} span {} parent {:<16} status {} {:.2} ms",
+            "",
+            s.name,
+            s.service_name,
+            s.span_id,
+            if s.is_root() { "-" } else { &s.parent_span_id },
+            s.attr("http.response.status_code").unwrap_or_default(),
+            (s.end_unix_nanos.saturating_sub(s.start_unix_nanos)) as f64 / 1e6,
         );
     }
 }

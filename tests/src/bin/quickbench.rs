@@ -2,13 +2,15 @@
 //! suite; numbers go in the README). Measures `wrk -t1 -c50` against the test HTTP app directly
 //! (pods without sidecars), through both sidecars in plaintext, and through both sidecars over
 //! mutual TLS (certificates from a control plane), plus the proxies' idle and loaded RSS and CPU
-//! time per request. The side-by-side benchmark against haproxy is a separate, later tool.
+//! time per request; and the cost of telemetry: both sidecars tracing 100 % of requests to an
+//! OTLP receiver, then also writing a JSON access log. The side-by-side benchmark against
+//! haproxy is a separate, later tool.
 //!
-//! Usage: trellis-quickbench [SECONDS]   (root; wrk installed)
+//! Usage: trellis-quickbench [SECONDS] [--no-telemetry]   (root; wrk installed)
 
 use std::process::ExitCode;
 
-use trellis_tests::harness::{Mesh, Pod, missing_privileges};
+use trellis_tests::harness::{Mesh, OtlpReceiver, Pod, missing_privileges};
 
 fn main() -> ExitCode {
     if let Some(reason) = missing_privileges() {
@@ -41,6 +43,9 @@ fn main() -> ExitCode {
     let direct = wrk(&plain_client, &plain_server.url(8080, "/"), secs);
     println!("direct          : {direct}");
     measure("through 2 sidecars", &client, &server, secs);
+    if !std::env::args().any(|a| a == "--no-telemetry") {
+        telemetry(&mesh, secs);
+    }
 
     // The same over mutual TLS: identities from a control plane, a strict server.
     let control = mesh.pod("control");
@@ -75,6 +80,44 @@ fn main() -> ExitCode {
             .sum("trellis_tls_handshakes_total", &[("direction", "inbound")])
     );
     ExitCode::SUCCESS
+}
+
+/// Plaintext sidecars that trace every request (and then also log it as JSON).
+fn telemetry(mesh: &Mesh, secs: u32) {
+    let collector = mesh.pod("collector");
+    let receiver = OtlpReceiver::start(&collector);
+    for (label, access_log) in [
+        ("2 sidecars, 100 % traced", "off"),
+        ("2 sidecars, 100 % traced + JSON access log", "json"),
+    ] {
+        let tag = if access_log == "off" { "t" } else { "tl" };
+        let server = mesh.pod(&format!("{tag}-server"));
+        server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "traced"]);
+        let client = mesh.pod(&format!("{tag}-client"));
+        for (pod, name) in [(&server, "server"), (&client, "client")] {
+            let workload = format!("bench/{name}");
+            pod.start_sidecar(&[
+                "--access-log",
+                access_log,
+                "--otlp-endpoint",
+                &receiver.url(),
+                "--trace-sample-ratio",
+                "1.0",
+                "--workload",
+                &workload,
+            ]);
+        }
+        let before = receiver.spans().len();
+        measure(label, &client, &server, secs);
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        let dropped = |pod: &Pod| pod.metrics().sum("trellis_trace_spans_dropped_total", &[]);
+        println!(
+            "  spans received {}, dropped by the proxies {} / {}",
+            receiver.spans().len() - before,
+            dropped(&client),
+            dropped(&server)
+        );
+    }
 }
 
 /// wrk from `client` to `server`'s app through both sidecars; throughput, latency, CPU per

@@ -236,6 +236,19 @@ impl Pod {
 
     /// Installs the interception rules (defaults) and starts the sidecar, as an injected pod has.
     pub fn start_sidecar(&self, run_args: &[&str]) {
+        self.start_sidecar_with_env(run_args, &[]);
+    }
+
+    /// Starts `trellis-proxy run` as UID 2102 (JSON logs; `--access-log json` unless `args` says
+    /// otherwise) and waits until `/ready` answers 200. Its access log (stdout) goes to
+    /// `{pod}-access.log`, its diagnostic log (stderr) to `{pod}-proxy.log`.
+    pub fn start_proxy(&self, args: &[&str]) {
+        self.start_proxy_with_env(args, &[]);
+    }
+
+    /// [`Pod::start_sidecar`] with environment variables set for the proxy (e.g.
+    /// `OTEL_RESOURCE_ATTRIBUTES`).
+    pub fn start_sidecar_with_env(&self, run_args: &[&str], env: &[(&str, &str)]) {
         let out = self.init(&[]);
         assert!(
             out.status.success(),
@@ -243,23 +256,24 @@ impl Pod {
             self.name,
             String::from_utf8_lossy(&out.stderr)
         );
-        self.start_proxy(run_args);
+        self.start_proxy_with_env(run_args, env);
     }
 
-    /// Starts `trellis-proxy run` as UID 2102 (JSON logs; `--access-log all` unless `args` says
-    /// otherwise) and waits until `/ready` answers 200.
-    pub fn start_proxy(&self, args: &[&str]) {
+    /// [`Pod::start_proxy`] with environment variables set for the proxy.
+    pub fn start_proxy_with_env(&self, args: &[&str], env: &[(&str, &str)]) {
         let uid = PROXY_UID.to_string();
         let mut cmd = self.ns.command("setpriv");
         cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
             .arg(proxy_bin())
             .args(["run", "--log-format", "json"]);
-        if !args.contains(&"--access-log") {
-            cmd.args(["--access-log", "all"]);
+        if !args.iter().any(|a| a.starts_with("--access-log")) {
+            cmd.args(["--access-log", "json"]);
         }
         cmd.args(args);
+        cmd.envs(env.iter().copied());
         let log = self.dir.join(format!("{}-proxy.log", self.name));
-        let mut proc = Proc::spawn(&format!("{} proxy", self.name), cmd, &log);
+        let access = self.dir.join(format!("{}-access.log", self.name));
+        let mut proc = Proc::spawn_split(&format!("{} proxy", self.name), cmd, &access, &log);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = proc.try_wait() {
@@ -563,7 +577,7 @@ impl Pod {
             .unwrap_or_else(|| panic!("{field} of {}'s proxy", self.name))
     }
 
-    /// The sidecar's log so far.
+    /// The sidecar's diagnostic log (stderr) so far.
     pub fn proxy_log(&self) -> String {
         self.proxy
             .lock()
@@ -571,6 +585,59 @@ impl Pod {
             .as_ref()
             .map(|p| p.log())
             .unwrap_or_default()
+    }
+
+    /// The sidecar's access log (stdout) so far.
+    pub fn access_log(&self) -> String {
+        self.proxy
+            .lock()
+            .expect("proxy lock")
+            .as_ref()
+            .map(|p| p.stdout_log())
+            .unwrap_or_default()
+    }
+
+    /// Every line of the sidecar's access log that is a JSON object (`--access-log json`).
+    pub fn access_log_json(&self) -> Vec<serde_json::Value> {
+        self.access_log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(serde_json::Value::is_object)
+            .collect()
+    }
+
+    /// The last access-log line that `matches`, waiting up to `timeout` for it: the sidecar
+    /// writes a line when the response body has ended, from a thread of its own, so it may
+    /// come a moment after the client saw the response.
+    pub fn access_log_line(
+        &self,
+        timeout: Duration,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.access_log_json().into_iter().rev().find(&matches);
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`Pod::access_log_line`] within 10 s, or a failure naming `what` and showing the log.
+    pub fn expect_access_log_line(
+        &self,
+        what: &str,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        self.access_log_line(Duration::from_secs(10), matches)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no access log line {what} in {}'s sidecar after 10 s:\n{}",
+                    self.name,
+                    self.access_log()
+                )
+            })
     }
 
     /// `iptables-save -t nat` (or ip6tables) in this pod with the given backend (`nft`/`legacy`).

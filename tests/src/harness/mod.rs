@@ -5,13 +5,17 @@
 //! # use trellis_tests::harness::Mesh;
 //! let Some(mesh) = Mesh::new("example") else { return }; // skipped without privileges (not in CI)
 //! let server = mesh.pod("server");
-//! server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"], 8080);
-//! server.start_proxy(&[]);
+//! server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
+//! server.start_sidecar(&[]);
 //! let client = mesh.pod("client");
-//! client.start_proxy(&[]);
+//! client.start_sidecar(&[]);
 //! let rsp = client.curl(&[&server.url(8080, "/")]);
 //! assert_eq!(rsp.status, 200);
+//! assert_eq!(server.access_log_json()[0]["status"], 200);
 //! ```
+//!
+//! A sidecar's diagnostic log (stderr) is `proxy_log()`, its access log (stdout, JSON lines by
+//! default) `access_log()`; an [`OtlpReceiver`] in a pod of its own collects the sidecars' spans.
 //!
 //! Everything a mesh creates — namespaces, the bridge, processes — is removed when it is
 //! dropped, also when a test fails; namespaces left by a killed test run are swept at the next
@@ -24,15 +28,21 @@ mod control;
 mod mesh;
 mod metrics;
 mod netns;
+mod otlp;
 mod process;
+pub mod traced;
 
 pub use apiserver::FakeApiServer;
 pub use bins::{control_bin, proxy_bin, testapp_bin};
 pub use capture::{Capture, contains};
 pub use control::{ControlPlane, free_port};
 pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
-pub use metrics::Scrape;
+pub use metrics::{Scrape, check_with_prometheus_parser};
 pub use netns::Netns;
+pub use otlp::{
+    AttrValue, OTLP_PORT, OtlpReceiver, ReceivedSpan, SPAN_KIND_CLIENT, SPAN_KIND_SERVER,
+    collector_url,
+};
 pub use process::Proc;
 
 /// The UID the sidecar runs as in every pod (the `init` default).

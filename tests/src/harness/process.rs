@@ -1,4 +1,4 @@
-//! A child process with its output in a log file, killed on drop.
+//! A child process with its output in log files, killed on drop.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -7,18 +7,38 @@ use std::time::{Duration, Instant};
 pub struct Proc {
     pub name: String,
     child: Child,
+    /// Stderr, and stdout too unless the process was started with [`Proc::spawn_split`].
     log: PathBuf,
+    /// Stdout, when it has a file of its own.
+    stdout: Option<PathBuf>,
     exited: Option<ExitStatus>,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Self {
-        let file =
-            std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    /// Starts `cmd` with stdout and stderr both in `log`.
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> Self {
+        let file = create(log);
         let err = file.try_clone().expect("clone log file handle");
+        Self::start(name, cmd, (file, err), log, None)
+    }
+
+    /// Starts `cmd` with stdout in `stdout` and stderr in `stderr`: for a process whose stdout
+    /// is data (the sidecar's access log) and whose stderr is its diagnostic log.
+    pub fn spawn_split(name: &str, cmd: Command, stdout: &Path, stderr: &Path) -> Self {
+        let (out, err) = (create(stdout), create(stderr));
+        Self::start(name, cmd, (out, err), stderr, Some(stdout.to_path_buf()))
+    }
+
+    fn start(
+        name: &str,
+        mut cmd: Command,
+        (out, err): (std::fs::File, std::fs::File),
+        log: &Path,
+        stdout: Option<PathBuf>,
+    ) -> Self {
         let child = cmd
             .stdin(Stdio::null())
-            .stdout(file)
+            .stdout(out)
             .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
@@ -26,6 +46,7 @@ impl Proc {
             name: name.to_string(),
             child,
             log: log.to_path_buf(),
+            stdout,
             exited: None,
         }
     }
@@ -34,8 +55,14 @@ impl Proc {
         self.child.id()
     }
 
+    /// The diagnostic log so far: stderr (with stdout, unless the two were split).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stdout so far, when it has a file of its own (else the combined log).
+    pub fn stdout_log(&self) -> String {
+        std::fs::read_to_string(self.stdout.as_ref().unwrap_or(&self.log)).unwrap_or_default()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -73,6 +100,20 @@ impl Proc {
     }
 }
 
+fn create(path: &Path) -> std::fs::File {
+    std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()))
+}
+
+/// Prints the last `n` lines of the file at `path`, headed by what it is.
+fn print_tail(what: &str, path: &Path, n: usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(n).collect();
+    eprintln!("---- last lines of {what} ({}) ----", path.display());
+    for line in tail.into_iter().rev() {
+        eprintln!("{line}");
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         if self.try_wait().is_none() {
@@ -80,16 +121,10 @@ impl Drop for Proc {
             let _ = self.child.wait();
         }
         if std::thread::panicking() {
-            let log = self.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!(
-                "---- last lines of {} ({}) ----",
-                self.name,
-                self.log.display()
-            );
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
+            if let Some(stdout) = &self.stdout {
+                print_tail(&format!("{} stdout", self.name), stdout, 20);
             }
+            print_tail(&self.name, &self.log, 40);
         }
     }
 }

@@ -212,11 +212,13 @@ pub(crate) async fn ws_call(
 
 // ---- load ----
 
-/// How many requests, over how many connections at once, and whether each gets its own.
+/// How many requests, over how many connections at once, whether each gets its own, and
+/// whether each goes to a path of its own (the request's number appended to the URL's path).
 pub(crate) struct LoadShape {
     pub requests: u64,
     pub concurrency: u64,
     pub fresh_connections: bool,
+    pub distinct_paths: bool,
 }
 
 pub(crate) async fn load(
@@ -230,6 +232,7 @@ pub(crate) async fn load(
         requests,
         concurrency,
         fresh_connections,
+        distinct_paths,
     } = shape;
     use std::sync::atomic::{AtomicU64, Ordering};
     let addr = format!(
@@ -263,7 +266,11 @@ pub(crate) async fn load(
         );
         workers.push(tokio::spawn(async move {
             let mut sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-            while next.fetch_add(1, Ordering::Relaxed) < requests {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= requests {
+                    break;
+                }
                 if fresh_connections {
                     sender = None;
                 }
@@ -301,7 +308,11 @@ pub(crate) async fn load(
                 let Some(s) = sender.as_mut() else { continue };
                 let req = Request::builder()
                     .method(method.clone())
-                    .uri(path.as_str())
+                    .uri(if distinct_paths {
+                        format!("{path}{n}")
+                    } else {
+                        path.clone()
+                    })
                     .header("host", host.as_str())
                     .body(Full::new(body.clone()));
                 let outcome = match req {

@@ -1,6 +1,8 @@
 //! `trellis-testapp`: the applications and clients the end-to-end tests and the demo run inside
-//! pods. Servers: `http` (HTTP/1.1 and h2c), `grpc`, `tcp-echo`, `banner`. Clients print one JSON
-//! object on stdout: `http-get`, `grpc-call`, `tcp-call`, `ws-call`.
+//! pods. Servers: `http` (HTTP/1.1 and h2c; its routes are listed in `servers.rs`, among them
+//! `/call`, which makes the app call another server forwarding the trace context it received, as
+//! an instrumented app does), `grpc`, `tcp-echo`, `banner`. Clients print one JSON object on
+//! stdout: `http-get`, `grpc-call`, `tcp-call`, `ws-call`, `load`.
 
 mod clients;
 mod servers;
@@ -25,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// HTTP/1.1 + h2c server: / /headers /upload /stream /slow /status/N /flaky /reset-once,
+    /// HTTP/1.1 + h2c server: / /headers /upload /stream /slow /status/N /flaky /reset-once
+    /// /call?to=HOST:PORT&path=/P (calls another server, forwarding the trace context),
     /// WebSocket-style echo.
     Http {
         #[arg(long)]
@@ -98,6 +101,9 @@ enum Cmd {
         /// A new connection for every request (no keep-alive).
         #[arg(long)]
         fresh_connections: bool,
+        /// Append the request's number to the URL's path (`/item/` → `/item/0`, `/item/1`, ...).
+        #[arg(long)]
+        distinct_paths: bool,
     },
     /// Open a TCP connection: optionally read a banner first, send data, half-close, read to EOF.
     TcpCall {
@@ -157,11 +163,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             method,
             body_bytes,
             fresh_connections,
+            distinct_paths,
         } => {
             let shape = clients::LoadShape {
                 requests,
                 concurrency,
                 fresh_connections,
+                distinct_paths,
             };
             clients::load(url, host, shape, method, body_bytes).await
         }

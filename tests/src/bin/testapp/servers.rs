@@ -1,4 +1,11 @@
 //! The applications the tests run in pods: HTTP/h2c, gRPC, TCP echo and banner servers.
+//!
+//! HTTP routes: `/` (hello), `/headers` (the request as the app saw it, in JSON), `/upload`
+//! (length and checksum of the body), `/stream?chunks=N&interval_ms=M`, `/slow?ms=N`,
+//! `/status/N`, `/flaky?fail=N&key=K` (503 for the first N calls with K),
+//! `/reset-once?key=K` (the first call with K is reset), `/call?to=HOST:PORT&path=/P` (the app
+//! calls `http://HOST:PORT/P` itself, forwarding the trace context it received, and answers
+//! with the downstream's status and body), and WebSocket-style upgrades (echo).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -110,6 +117,7 @@ async fn handle_http(
             });
             Response::new(full(body.to_string()))
         }
+        "/call" => call(req.headers(), &query).await,
         "/flaky" => {
             // The first `fail` requests with this key get 503, the rest 200.
             let key = query.get("key").cloned().unwrap_or_default();
@@ -204,6 +212,105 @@ async fn handle_http(
         }
     };
     Ok(rsp)
+}
+
+/// The trace-context headers (W3C and B3) an instrumented app copies from the request it serves
+/// onto the calls it makes while serving it: that is what joins its calls to the same trace.
+const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+/// `/call?to=HOST:PORT&path=/P`: GET `http://HOST:PORT/P` over a new HTTP/1.1 connection, as an
+/// app calling another service does (in a pod, its sidecar intercepts the call).
+async fn call(
+    headers: &http::HeaderMap,
+    query: &std::collections::HashMap<String, String>,
+) -> Response<Body> {
+    let Some(to) = query.get("to") else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "/call needs ?to=HOST:PORT (and optionally &path=/P)\n".into(),
+        );
+    };
+    let path = query
+        .get("path")
+        .map(|p| percent_decode(p))
+        .unwrap_or_else(|| "/".into());
+    let forwarded: Vec<(&str, http::HeaderValue)> = TRACE_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name).iter().map(|v| (*name, v.clone())))
+        .collect();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(30),
+        call_downstream(to, &path, forwarded),
+    )
+    .await;
+    match outcome {
+        Ok(Ok((code, body))) => {
+            let mut rsp = Response::new(full(body));
+            *rsp.status_mut() = code;
+            rsp
+        }
+        Ok(Err(e)) => status(
+            StatusCode::BAD_GATEWAY,
+            format!("call to http://{to}{path} failed: {e}\n"),
+        ),
+        Err(_) => status(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("call to http://{to}{path} took over 30 s\n"),
+        ),
+    }
+}
+
+async fn call_downstream(
+    to: &str,
+    path: &str,
+    headers: Vec<(&str, http::HeaderValue)>,
+) -> Result<(StatusCode, Bytes), BoxError> {
+    let stream = tokio::net::TcpStream::connect(to).await?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header(http::header::HOST, to);
+    for (name, value) in headers {
+        req = req.header(name, value);
+    }
+    let rsp = send
+        .send_request(req.body(Full::new(Bytes::new()))?)
+        .await?;
+    let code = rsp.status();
+    let body = rsp.into_body().collect().await?.to_bytes();
+    Ok((code, body))
+}
+
+/// Decodes `%XX` escapes in a query value (a `path` with its own query string must be escaped).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn full(s: impl Into<Bytes>) -> Body {
