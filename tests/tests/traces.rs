@@ -631,4 +631,47 @@ fn a_collector_that_is_down_costs_spans_never_requests() {
     }
     // Still serving.
     assert_eq!(client.curl(&[&server.url(HTTP, "/")]).status, 200);
+    // And a collector that never answers does not hold up shutdown for long: at most an
+    // export in progress (5 s) and the flush window (5 s).
+    let start = std::time::Instant::now();
+    client.signal_proxy(libc::SIGTERM);
+    assert_eq!(client.wait_proxy_exit(Duration::from_secs(20)), Some(0));
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(12), "exit took {took:?}");
+}
+
+/// Spans still queued when a proxy is told to stop are exported before it exits: the export
+/// thread wakes every 500 ms, so the SIGTERM right after the last response finds them queued.
+#[test]
+fn spans_queued_at_shutdown_are_flushed_before_exit() {
+    let Some((_mesh, _collector, otlp, client, server)) = client_and_server("trace_flush") else {
+        return;
+    };
+    for _ in 0..5 {
+        let rsp = client.curl(&[&server.url(HTTP, "/")]);
+        assert_eq!(rsp.status, 200, "{rsp:?}");
+    }
+    let before = otlp.spans().len();
+    let start = std::time::Instant::now();
+    for pod in [&client, &server] {
+        pod.signal_proxy(libc::SIGTERM);
+    }
+    for pod in [&client, &server] {
+        let code = pod.wait_proxy_exit(Duration::from_secs(15));
+        assert_eq!(code, Some(0), "{} proxy exit", pod.name);
+    }
+    let took = start.elapsed();
+    eprintln!("spans before SIGTERM: {before}, exits took {took:?}");
+    // The receiver may still be storing the last batch the proxies sent before exiting.
+    let spans = otlp.wait_for(10, Duration::from_secs(2));
+    assert_eq!(
+        (
+            of(&spans, "web", SPAN_KIND_CLIENT).len(),
+            of(&spans, "api", SPAN_KIND_SERVER).len()
+        ),
+        (5, 5),
+        "{before} spans had arrived before SIGTERM; after exit: {}",
+        show(&spans)
+    );
+    assert!(took < Duration::from_secs(8), "the exits took {took:?}");
 }
