@@ -42,6 +42,7 @@ pub struct Metrics {
     apply_errors: Family<ReasonLabels, Counter>,
     certify: Family<CertifyLabels, Counter>,
     unauthorized: Family<ReasonLabels, Counter>,
+    injections: Family<ResultLabels, Counter>,
     pub ready: AtomicBool,
 }
 
@@ -90,6 +91,12 @@ impl Default for Metrics {
             "Calls refused for want of the admin credential, by service",
             unauthorized.clone(),
         );
+        let injections = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "injections",
+            "Admission reviews of pods: injected, skipped (opted out, not opted in, already injected, hostNetwork), refused (cannot be injected, e.g. an app running as the proxy's UID), invalid-review",
+            injections.clone(),
+        );
         Self {
             registry,
             certify,
@@ -99,6 +106,7 @@ impl Default for Metrics {
             answers,
             convergence,
             apply_errors,
+            injections,
             ready: AtomicBool::new(false),
         }
     }
@@ -134,6 +142,11 @@ impl Metrics {
     pub fn unauthorized(&self, reason: &'static str) {
         self.unauthorized
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+    pub fn injection(&self, result: &'static str) {
+        self.injections
+            .get_or_create(&ResultLabels { result })
             .inc();
     }
     pub fn encode(&self) -> String {

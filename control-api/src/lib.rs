@@ -9,6 +9,9 @@
 pub mod admin;
 pub mod cli;
 pub mod identity;
+pub mod inject;
+pub mod kube;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod webhook;

@@ -13,10 +13,13 @@ use trellis_control::admin::{self, Metrics};
 use trellis_control::cli::{self, Target};
 use trellis_control::identity::tokenreview::TokenReviewConfig;
 use trellis_control::identity::{Authority, IdentityConfig};
+use trellis_control::inject::{self, InjectConfig};
+use trellis_control::kube::{KubeClient, KubeConfig, keep_webhook_ca_bundle};
 use trellis_control::server::{
     ConfigServer, Hub, IdentityServer, PolicyServer, TokenServer, admin_only,
 };
 use trellis_control::store::Store;
+use trellis_control::webhook::Webhook;
 use trellis_proto::pb::config_service_server::ConfigServiceServer;
 use trellis_proto::pb::identity_service_server::IdentityServiceServer;
 use trellis_proto::pb::policy_service_server::PolicyServiceServer;
@@ -73,6 +76,27 @@ enum Command {
         target: Target,
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+    },
+    /// Print Kubernetes YAML with the sidecar injected (the webhook's code): Pods, Deployments,
+    /// StatefulSets, DaemonSets, ReplicaSets, Jobs, CronJobs; other kinds pass through.
+    Inject {
+        /// A YAML file (one or more documents), or - for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: String,
+        /// The mesh CA the proxies will trust (the control plane's ca.pem); default:
+        /// <state-dir>/ca.pem.
+        #[arg(long, env = "TRELLIS_CA_FILE")]
+        ca_file: Option<PathBuf>,
+        #[arg(long, env = "TRELLIS_STATE_DIR", default_value = "/var/lib/trellis")]
+        state_dir: PathBuf,
+        /// The control plane's trust domain.
+        #[arg(long, env = "TRELLIS_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+        /// The control plane's namespace (never injected).
+        #[arg(long, env = "TRELLIS_NAMESPACE", default_value = "trellis-system")]
+        control_plane_namespace: String,
+        #[command(flatten)]
+        inject: InjectArgs,
     },
     /// Join tokens for proxies outside Kubernetes.
     Token {
@@ -134,23 +158,95 @@ struct ServeArgs {
     /// Extra DNS names or IPs in the control plane's serving certificate (comma-separated).
     #[arg(long, env = "TRELLIS_TLS_SANS", value_delimiter = ',')]
     tls_san: Vec<String>,
-    /// Kubernetes API server for TokenReview (service-account tokens); unset: join tokens only.
-    #[arg(long, env = "TRELLIS_TOKENREVIEW_URL")]
-    tokenreview_url: Option<String>,
+    /// The Kubernetes API server (https://kubernetes.default.svc in a cluster): TokenReview
+    /// for service-account tokens, and the webhook's caBundle. Unset: join tokens only.
+    #[arg(long, env = "TRELLIS_KUBE_API_URL", alias = "tokenreview-url")]
+    kube_api_url: Option<String>,
     /// Trust anchors of the API server.
     #[arg(
         long,
-        env = "TRELLIS_TOKENREVIEW_CA",
+        env = "TRELLIS_KUBE_CA",
+        alias = "tokenreview-ca",
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
     )]
-    tokenreview_ca: PathBuf,
-    /// The control plane's own token for the API server (re-read on every review).
+    kube_ca: PathBuf,
+    /// The control plane's own token for the API server (re-read on every request).
     #[arg(
         long,
-        env = "TRELLIS_TOKENREVIEW_TOKEN_FILE",
+        env = "TRELLIS_KUBE_TOKEN_FILE",
+        alias = "tokenreview-token-file",
         default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
     )]
-    tokenreview_token_file: PathBuf,
+    kube_token_file: PathBuf,
+    /// HTTPS address of the sidecar-injection webhook (AdmissionReview v1 on POST /inject and
+    /// /inject-annotated); unset: no webhook.
+    #[arg(long, env = "TRELLIS_WEBHOOK_ADDR")]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's certificate (PEM), e.g. from cert-manager; unset: the control plane's own
+    /// serving certificate (mesh CA, names from --tls-san), whose CA it writes into the
+    /// MutatingWebhookConfiguration's caBundle through the API server.
+    #[arg(long, env = "TRELLIS_WEBHOOK_TLS_CERT", requires = "webhook_tls_key")]
+    webhook_tls_cert: Option<PathBuf>,
+    /// The key of --webhook-tls-cert (PEM).
+    #[arg(long, env = "TRELLIS_WEBHOOK_TLS_KEY", requires = "webhook_tls_cert")]
+    webhook_tls_key: Option<PathBuf>,
+    /// The MutatingWebhookConfiguration whose caBundle the control plane keeps (needs
+    /// --kube-api-url and no --webhook-tls-cert).
+    #[arg(
+        long,
+        env = "TRELLIS_WEBHOOK_CONFIG_NAME",
+        default_value = "trellis-injector"
+    )]
+    webhook_config_name: String,
+    #[command(flatten)]
+    inject: InjectArgs,
+}
+
+/// What injected sidecars get (the webhook's and `inject`'s settings).
+#[derive(Debug, Clone, clap::Args)]
+struct InjectArgs {
+    /// The image of the injected init container and proxy.
+    #[arg(long, env = "TRELLIS_PROXY_IMAGE", default_value = concat!("ghcr.io/trellis-mesh/trellis:", env!("CARGO_PKG_VERSION")))]
+    proxy_image: String,
+    /// imagePullPolicy of the injected containers.
+    #[arg(long, env = "TRELLIS_PROXY_PULL_POLICY", default_value = "IfNotPresent", value_parser = ["Always", "IfNotPresent", "Never"])]
+    proxy_pull_policy: String,
+    /// The control plane's URL as proxies reach it; default
+    /// https://trellis-control.<namespace>.svc:7443.
+    #[arg(long, env = "TRELLIS_CONTROL_PLANE_URL")]
+    control_plane_url: Option<String>,
+    /// The OTLP/gRPC collector injected proxies export spans to (unset: no tracing).
+    #[arg(long, env = "TRELLIS_INJECT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// native: the proxy as an init container with restartPolicy Always (Kubernetes 1.29+);
+    /// classic: a regular first container with a postStart hook (older clusters). A pod's
+    /// `trellis.dev/sidecar-mode` annotation overrides it.
+    #[arg(long, env = "TRELLIS_SIDECAR_MODE", value_enum, default_value_t = inject::SidecarMode::Native)]
+    sidecar_mode: inject::SidecarMode,
+    /// The proxy's UID (its traffic is never intercepted; no app container may use it).
+    #[arg(long, env = "TRELLIS_PROXY_UID", default_value_t = 2102)]
+    proxy_uid: u32,
+}
+
+impl InjectArgs {
+    fn config(&self, trust_domain: &str, namespace: &str, ca_pem: String) -> InjectConfig {
+        InjectConfig {
+            proxy_image: self.proxy_image.clone(),
+            pull_policy: self.proxy_pull_policy.clone(),
+            control_plane_url: self
+                .control_plane_url
+                .clone()
+                .unwrap_or_else(|| format!("https://trellis-control.{namespace}.svc:7443")),
+            control_plane_identity: format!(
+                "spiffe://{trust_domain}/ns/{namespace}/sa/trellis-control"
+            ),
+            trust_anchors_pem: ca_pem,
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            mode: self.sidecar_mode,
+            proxy_uid: self.proxy_uid,
+            control_plane_namespace: namespace.to_string(),
+        }
+    }
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -170,6 +266,18 @@ async fn main() -> ExitCode {
             init_logging(&args.log_format);
             serve(*args).await
         }
+        Command::Inject {
+            file,
+            ca_file,
+            state_dir,
+            trust_domain,
+            control_plane_namespace,
+            inject,
+        } => inject_cli(
+            &file,
+            ca_file.unwrap_or_else(|| state_dir.join("ca.pem")),
+            inject.config(&trust_domain, &control_plane_namespace, String::new()),
+        ),
         Command::Token {
             command:
                 TokenCommand::Create {
@@ -249,10 +357,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {admin_addr} (admin): {e}"))?;
     let (store, state) = Store::open(state_dir).map_err(|e| e.to_string())?;
     tracing::info!(version = state.version, traffic = state.traffic.len(), server = state.server.len(), dir = %state_dir.display(), "state loaded");
-    let tokenreview = args.tokenreview_url.clone().map(|url| TokenReviewConfig {
+    let tokenreview = args.kube_api_url.clone().map(|url| TokenReviewConfig {
         url,
-        ca_file: args.tokenreview_ca.clone(),
-        token_file: Some(args.tokenreview_token_file.clone()),
+        ca_file: args.kube_ca.clone(),
+        token_file: Some(args.kube_token_file.clone()),
     });
     let config = IdentityConfig {
         trust_domain: args.trust_domain.clone(),
@@ -265,6 +373,9 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let authority = Authority::bootstrap(state_dir, config, grpc_addr, metrics.clone())?;
     let tls = authority.server_tls(grpc_addr)?;
+    if let Some(addr) = args.webhook_addr {
+        start_webhook(&args, addr, &authority, metrics.clone()).await?;
+    }
     let hub = Hub::new(store, state, metrics.clone());
     let listener = tokio::net::TcpListener::bind(grpc_addr)
         .await
@@ -298,6 +409,69 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("gRPC server failed: {e}"))
+}
+
+/// The admission webhook, with the control plane's serving certificate (whose CA goes into the
+/// MutatingWebhookConfiguration's caBundle) or the operator's.
+async fn start_webhook(
+    args: &ServeArgs,
+    addr: SocketAddr,
+    authority: &Arc<Authority>,
+    metrics: Arc<Metrics>,
+) -> Result<(), String> {
+    let tls = match (&args.webhook_tls_cert, &args.webhook_tls_key) {
+        (Some(cert), Some(key)) => trellis_control::tls::static_server_config(cert, key)?,
+        _ => {
+            let tls = authority.webhook_tls()?;
+            match &args.kube_api_url {
+                Some(url) => {
+                    let client = KubeClient::new(KubeConfig {
+                        url: url.clone(),
+                        ca_file: args.kube_ca.clone(),
+                        token_file: Some(args.kube_token_file.clone()),
+                    })?;
+                    let (name, pem) = (
+                        args.webhook_config_name.clone(),
+                        authority.ca_pem().to_string(),
+                    );
+                    tokio::spawn(async move {
+                        keep_webhook_ca_bundle(&client, &name, &pem).await;
+                    });
+                }
+                None => tracing::warn!(
+                    "--webhook-addr without --kube-api-url: put the mesh CA (ca.pem in the state dir) into the webhook configuration's caBundle yourself"
+                ),
+            }
+            tls
+        }
+    };
+    let config = args.inject.config(
+        &args.trust_domain,
+        &args.namespace,
+        authority.ca_pem().to_string(),
+    );
+    let webhook = Arc::new(Webhook { config, metrics });
+    trellis_control::webhook::serve(addr, tls, webhook).await
+}
+
+/// `trellis-control inject`: YAML in, YAML with sidecars out; a report line per object on stderr.
+fn inject_cli(file: &str, ca_file: PathBuf, mut config: InjectConfig) -> Result<(), String> {
+    let yaml = cli::read_documents(file)?;
+    let pem = std::fs::read_to_string(&ca_file).map_err(|e| {
+        format!(
+            "cannot read the mesh CA {}: {e} (pass --ca-file: the control plane's ca.pem)",
+            ca_file.display()
+        )
+    })?;
+    trellis_identity::tls::roots_from_pem(pem.as_bytes())
+        .map_err(|e| format!("--ca-file {}: {e}", ca_file.display()))?;
+    config.trust_anchors_pem = pem;
+    let (out, reports) = inject::inject_documents(&yaml, &config).map_err(|e| e.to_string())?;
+    for r in reports {
+        eprintln!("{}: {}", r.object, r.outcome);
+    }
+    print!("{out}");
+    Ok(())
 }
 
 fn init_logging(format: &str) {

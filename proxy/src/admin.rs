@@ -181,7 +181,7 @@ fn route(
         (_, "/shutdown") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics, /config, POST /shutdown, /probe/http/<port>/<path> or /probe/tcp/<port>\n",
+            "not found: try /live, /ready, /metrics, /config, POST /shutdown, /probe/http/<port>/<path>, /probe/tcp/<port> or /probe/grpc/<port>?service=<name>\n",
         ),
     }
 }

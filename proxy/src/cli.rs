@@ -46,6 +46,14 @@ pub enum Command {
         #[command(flatten)]
         log: LogArgs,
     },
+    /// Wait until the proxy's /ready answers 200 (exit 0) or the timeout passes (exit 1): the
+    /// postStart hook that holds back the app's containers in classic sidecar mode.
+    WaitReady {
+        #[command(flatten)]
+        args: WaitReadyArgs,
+        #[command(flatten)]
+        log: LogArgs,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -79,7 +87,8 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
     pub outbound_addr: SocketAddr,
 
-    /// The admin server: /live, /ready, /metrics, /config, /shutdown.
+    /// The admin server: /live, /ready, /metrics, /config, /shutdown, and the app's probes
+    /// /probe/http/<port>/<path>, /probe/tcp/<port> and /probe/grpc/<port>?service=NAME.
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
     pub admin_addr: SocketAddr,
 
@@ -102,10 +111,25 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_CONTROL_PLANE", conflicts_with = "policy_file", value_parser = parse_control_plane)]
     pub control_plane: Option<String>,
 
-    /// The mesh trust anchors (PEM) that verify the control plane (and, until the first
-    /// certificate arrives, nothing else). Required with --control-plane.
+    /// A file with the mesh trust anchors (PEM) that verify the control plane (and, until the
+    /// first certificate arrives, nothing else). With --control-plane, this or
+    /// --trust-anchors-pem is required.
     #[arg(long, env = "TRELLIS_TRUST_ANCHORS")]
     pub trust_anchors: Option<std::path::PathBuf>,
+
+    /// The mesh trust anchors as PEM text rather than a file, for the sidecar injector (which
+    /// cannot mount a file from the control plane's namespace). Exclusive with --trust-anchors.
+    /// /config shows only how many certificates it holds.
+    #[arg(
+        long,
+        env = "TRELLIS_TRUST_ANCHORS_PEM",
+        value_name = "PEM",
+        conflicts_with = "trust_anchors",
+        hide_env_values = true,
+        // The text starts with "-----BEGIN": without this it reads as a flag.
+        allow_hyphen_values = true
+    )]
+    pub trust_anchors_pem: Option<TrustAnchorsPem>,
 
     /// The control plane's SPIFFE ID: a proxy talks (and sends its token) to nobody else.
     #[arg(
@@ -265,6 +289,62 @@ pub struct InitArgs {
     /// Remove Trellis's chains and jumps (and nothing else).
     #[arg(long)]
     pub cleanup: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WaitReadyArgs {
+    /// The admin address of the proxy to wait for; GET /ready is polled there every 200ms. A
+    /// wildcard address (0.0.0.0, [::]) is polled on loopback.
+    #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
+    pub admin_addr: SocketAddr,
+
+    /// How long to wait before giving up (exit 1, with the last answer or error).
+    #[arg(long, env = "TRELLIS_WAIT_READY_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `--trust-anchors-pem`: PEM text, checked (like the --trust-anchors file) when `run` starts.
+///
+/// Shown in /config and `{:?}` as a certificate count only: the text is long and says nothing a
+/// person reading the config needs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrustAnchorsPem(pub String);
+
+impl TrustAnchorsPem {
+    /// How many PEM certificate blocks the text holds (whether they parse is checked at start).
+    pub fn certificates(&self) -> usize {
+        self.0.matches("-----BEGIN CERTIFICATE-----").count()
+    }
+}
+
+impl fmt::Display for TrustAnchorsPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.certificates() {
+            1 => write!(f, "(set: 1 certificate)"),
+            n => write!(f, "(set: {n} certificates)"),
+        }
+    }
+}
+
+impl fmt::Debug for TrustAnchorsPem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for TrustAnchorsPem {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+// Not validated while parsing: clap would quote the whole PEM text in its error message.
+impl FromStr for TrustAnchorsPem {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -484,6 +564,106 @@ mod tests {
         assert_eq!(cli.run.detect_timeout, Duration::from_secs(1));
         let cli = Cli::try_parse_from(["trellis-proxy", "run", "--threads", "2"]).unwrap();
         assert!(matches!(cli.command, Some(Command::Run { ref args, .. }) if args.threads == 2));
+    }
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from([&["trellis-proxy", "run"], argv].concat()).unwrap();
+        match cli.command {
+            Some(Command::Run { args, .. }) => *args,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn trust_anchors_can_be_given_as_pem_text_by_flag_or_env() {
+        let args = run_args(&["--trust-anchors-pem", PEM]);
+        assert_eq!(args.trust_anchors_pem, Some(TrustAnchorsPem(PEM.into())));
+        assert_eq!(args.trust_anchors, None);
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let arg = cmd
+            .find_subcommand("run")
+            .and_then(|run| {
+                run.get_arguments()
+                    .find(|a| a.get_id() == "trust_anchors_pem")
+            })
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("TRELLIS_TRUST_ANCHORS_PEM")
+        );
+        // --help must not print the PEM from the environment.
+        assert!(arg.is_hide_env_values_set());
+    }
+
+    #[test]
+    fn trust_anchors_by_file_and_by_text_are_exclusive() {
+        let err = Cli::try_parse_from([
+            "trellis-proxy",
+            "run",
+            "--trust-anchors",
+            "/etc/trellis/ca.pem",
+            "--trust-anchors-pem",
+            PEM,
+        ])
+        .unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--trust-anchors-pem <PEM>") && msg.contains("--trust-anchors <"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn config_shows_how_many_trust_anchors_not_the_pem() {
+        let two = format!("{PEM}{PEM}");
+        let args = run_args(&["--trust-anchors-pem", &two]);
+        let config = serde_json::to_value(&args).unwrap();
+        assert_eq!(config["trust_anchors_pem"], "(set: 2 certificates)");
+        assert!(!config.to_string().contains("MIIB"));
+        assert!(!format!("{args:?}").contains("MIIB"));
+        let one = run_args(&["--trust-anchors-pem", PEM]);
+        assert_eq!(
+            serde_json::to_value(&one).unwrap()["trust_anchors_pem"],
+            "(set: 1 certificate)"
+        );
+        assert_eq!(
+            serde_json::to_value(run_args(&[])).unwrap()["trust_anchors_pem"],
+            serde_json::Value::Null
+        );
+    }
+
+    #[test]
+    fn wait_ready_polls_the_default_admin_address_for_120s() {
+        let cli = Cli::try_parse_from(["trellis-proxy", "wait-ready"]).unwrap();
+        let Some(Command::WaitReady { args, .. }) = cli.command else {
+            panic!("expected wait-ready, got {:?}", cli.command);
+        };
+        assert_eq!(args.admin_addr, "127.0.0.1:4191".parse().unwrap());
+        assert_eq!(args.timeout, Duration::from_secs(120));
+        let cli = Cli::try_parse_from([
+            "trellis-proxy",
+            "wait-ready",
+            "--admin-addr",
+            "127.0.0.1:9191",
+            "--timeout",
+            "5s",
+        ])
+        .unwrap();
+        let Some(Command::WaitReady { args, .. }) = cli.command else {
+            panic!("expected wait-ready, got {:?}", cli.command);
+        };
+        assert_eq!(args.admin_addr, "127.0.0.1:9191".parse().unwrap());
+        assert_eq!(args.timeout, Duration::from_secs(5));
+        let err = Cli::try_parse_from(["trellis-proxy", "wait-ready", "--timeout", "soon"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--timeout") && err.contains("not a duration"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! - [`policy`]: the TrafficPolicy that applies to an outbound call; [`retry`], [`replay`] and
 //!   [`balance`]: retries within a budget, replayable bodies, endpoint choice and ejection.
 //! - [`transport`]: dials upstream endpoints and pools connections per (endpoint, identity).
-//! - [`admin`], [`metrics`], [`drain`]: the admin endpoints, Prometheus metrics, graceful shutdown.
+//! - [`admin`], [`metrics`], [`drain`]: the admin endpoints, Prometheus metrics, graceful shutdown;
+//!   [`probe`]: the app's probes through the admin port; [`wait_ready`]: the classic-sidecar
+//!   postStart hook.
 //! - [`telemetry`]: trace context, spans exported over OTLP, and the access log.
 //! - [`error`]: the named causes of every error the proxy produces itself.
 
@@ -35,3 +37,4 @@ pub mod run;
 pub mod tcp;
 pub mod telemetry;
 pub mod transport;
+pub mod wait_ready;

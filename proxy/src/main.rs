@@ -1,5 +1,5 @@
 //! `trellis-proxy`: the sidecar binary. `run` (the default) proxies; `init` installs the
-//! interception rules and exits.
+//! interception rules and exits; `wait-ready` returns once a running proxy is ready.
 
 use std::process::ExitCode;
 
@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         Some(Command::Init { args, log }) => {
             init_logging(&log);
             trellis_proxy::init::run(&args).map_err(|e| e.to_string())
+        }
+        Some(Command::WaitReady { args, log }) => {
+            init_logging(&log);
+            trellis_proxy::wait_ready::run(&args).map_err(|e| e.to_string())
         }
         Some(Command::Run { args, log }) => {
             init_logging(&log);

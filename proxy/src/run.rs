@@ -201,7 +201,7 @@ fn telemetry(
 /// How to reach the control plane, read and checked once at start.
 struct ControlPlane {
     url: String,
-    /// `--trust-anchors` (PEM), which verify it.
+    /// `--trust-anchors` or `--trust-anchors-pem` (PEM), which verify it.
     anchors_pem: Vec<u8>,
     /// `--control-plane-identity`, which it must prove.
     identity: SpiffeId,
@@ -262,15 +262,28 @@ fn identity_source(
     }))
 }
 
-/// `--trust-anchors`, required to talk to the control plane.
+/// `--trust-anchors` (a file) or `--trust-anchors-pem` (the text), one of which is required to
+/// talk to the control plane.
 fn trust_anchors(args: &RunArgs) -> Result<Vec<u8>, RunError> {
-    let path = args.trust_anchors.as_ref().ok_or_else(|| {
-        RunError::Identity("--control-plane needs --trust-anchors FILE (the mesh CA, PEM) to verify the control plane".into())
-    })?;
-    let pem = std::fs::read(path)
-        .map_err(|e| RunError::Identity(format!("--trust-anchors {}: {e}", path.display())))?;
+    let (pem, source) = match (&args.trust_anchors, &args.trust_anchors_pem) {
+        (Some(path), _) => {
+            let source = format!("--trust-anchors {}", path.display());
+            let pem =
+                std::fs::read(path).map_err(|e| RunError::Identity(format!("{source}: {e}")))?;
+            (pem, source)
+        }
+        (None, Some(pem)) => (
+            pem.0.as_bytes().to_vec(),
+            "--trust-anchors-pem (TRELLIS_TRUST_ANCHORS_PEM)".to_string(),
+        ),
+        (None, None) => {
+            return Err(RunError::Identity(
+                "--control-plane needs the mesh CA (PEM) to verify the control plane: --trust-anchors FILE or --trust-anchors-pem PEM (TRELLIS_TRUST_ANCHORS_PEM)".into(),
+            ));
+        }
+    };
     trellis_identity::tls::roots_from_pem(&pem)
-        .map_err(|e| RunError::Identity(format!("--trust-anchors {}: {e}", path.display())))?;
+        .map_err(|e| RunError::Identity(format!("{source}: {e}")))?;
     Ok(pem)
 }
 
@@ -505,5 +518,73 @@ fn ipv6_twin(addr: SocketAddr) -> Option<SocketAddr> {
             Some(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()))
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn run_args(argv: &[&str]) -> RunArgs {
+        let cli = Cli::try_parse_from([&["trellis-proxy", "run"], argv].concat()).unwrap();
+        match cli.command {
+            Some(Command::Run { args, .. }) => *args,
+            other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    fn control_plane_error(argv: &[&str]) -> String {
+        let args = run_args(&[&["--control-plane", "https://trellis-control:7443"], argv].concat());
+        match control_plane(&args) {
+            Ok(_) => panic!("{argv:?}: expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_control_plane_needs_trust_anchors_by_file_or_text() {
+        assert_eq!(
+            control_plane_error(&[]),
+            "--control-plane needs the mesh CA (PEM) to verify the control plane: --trust-anchors FILE or --trust-anchors-pem PEM (TRELLIS_TRUST_ANCHORS_PEM)"
+        );
+    }
+
+    #[test]
+    fn trust_anchors_pem_is_checked_like_the_file() {
+        assert_eq!(
+            control_plane_error(&["--trust-anchors-pem", "ca.pem"]),
+            "--trust-anchors-pem (TRELLIS_TRUST_ANCHORS_PEM): no certificate found"
+        );
+        let err = control_plane_error(&[
+            "--trust-anchors-pem",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        ]);
+        assert!(
+            err.starts_with("--trust-anchors-pem (TRELLIS_TRUST_ANCHORS_PEM): certificate 1 is not a usable trust anchor"),
+            "{err}"
+        );
+        assert!(
+            control_plane_error(&["--trust-anchors", "/nonexistent/ca.pem"])
+                .starts_with("--trust-anchors /nonexistent/ca.pem: "),
+        );
+    }
+
+    #[test]
+    fn trust_anchors_pem_with_the_mesh_ca_verifies_the_control_plane() {
+        let (_, ca_pem, _) = trellis_identity::ca::Ca::generate("cluster.local").unwrap();
+        let args = run_args(&[
+            "--control-plane",
+            "https://trellis-control:7443",
+            "--trust-anchors-pem",
+            &ca_pem,
+        ]);
+        let cp = control_plane(&args).unwrap().unwrap();
+        assert_eq!(cp.anchors_pem, ca_pem.as_bytes());
+        assert_eq!(
+            serde_json::to_value(&args).unwrap()["trust_anchors_pem"],
+            "(set: 1 certificate)"
+        );
     }
 }

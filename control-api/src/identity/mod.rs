@@ -199,6 +199,25 @@ impl Authority {
         Ok(Arc::new(config))
     }
 
+    /// The mesh trust anchors (PEM): what proxies verify the control plane and each other with.
+    pub fn ca_pem(&self) -> &str {
+        self.ca.bundle_pem()
+    }
+
+    /// The TLS configuration of the admission webhook: the same serving certificate as the gRPC
+    /// port (its DNS names come from `--tls-san`), TLS 1.2 or 1.3 as the API server likes, no
+    /// client certificate.
+    pub fn webhook_tls(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Serving(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
     /// Whether the caller holds the admin credential (certificate or token).
     pub fn is_admin(&self, peer: Option<&PeerInfo>, bearer: Option<&str>) -> bool {
         peer.and_then(|p| p.identity.as_ref()) == Some(&self.admin_identity)

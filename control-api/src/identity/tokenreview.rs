@@ -4,140 +4,55 @@
 //! plane asks the API server whether it is valid for that audience, and derives the identity
 //! from the answer (`system:serviceaccount:<ns>:<sa>`) — never from what the proxy asked for.
 //! The request is the API's real JSON (`authentication.k8s.io/v1`, kind `TokenReview`) over
-//! HTTPS, authenticated with the control plane's own service-account token and verifying the
-//! API server against `--tokenreview-ca`.
+//! HTTPS through [`crate::kube::KubeClient`], authenticated with the control plane's own
+//! service-account token and verifying the API server against its CA.
 
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+use http::{Method, StatusCode};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
+use crate::kube::{KubeClient, KubeConfig, excerpt};
 
 pub const AUDIENCE: &str = "trellis";
 
-#[derive(Debug, Clone)]
-pub struct TokenReviewConfig {
-    /// The API server, e.g. `https://kubernetes.default.svc:443`.
-    pub url: String,
-    /// PEM trust anchors for the API server.
-    pub ca_file: PathBuf,
-    /// The control plane's own credential for the API server (re-read on every review).
-    pub token_file: Option<PathBuf>,
-}
+/// The API server to ask; the same settings as every other Kubernetes API call.
+pub type TokenReviewConfig = KubeConfig;
 
 pub struct TokenReviewer {
-    config: TokenReviewConfig,
-    host: String,
-    port: u16,
-    tls: Arc<rustls::ClientConfig>,
+    client: KubeClient,
 }
 
 impl TokenReviewer {
     pub fn new(config: TokenReviewConfig) -> Result<Self, String> {
-        let uri: http::Uri = config
-            .url
-            .parse()
-            .map_err(|e| format!("--tokenreview-url {:?}: {e}", config.url))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!(
-                "--tokenreview-url {:?}: must be https:// (a service-account token is never sent over plaintext)",
-                config.url
-            ));
-        }
-        let host = uri
-            .host()
-            .ok_or_else(|| format!("--tokenreview-url {:?}: no host", config.url))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let pem = std::fs::read(&config.ca_file)
-            .map_err(|e| format!("--tokenreview-ca {}: {e}", config.ca_file.display()))?;
-        let roots = trellis_identity::tls::roots_from_pem(&pem)
-            .map_err(|e| format!("--tokenreview-ca {}: {e}", config.ca_file.display()))?;
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
         Ok(Self {
-            port: uri.port_u16().unwrap_or(443),
-            host,
-            config,
-            tls: Arc::new(tls),
+            client: KubeClient::new(config)?,
         })
     }
 
     /// The (namespace, service account) a token proves, or why it proves nothing.
     pub async fn review(&self, token: &str) -> Result<(String, String), String> {
-        tokio::time::timeout(Duration::from_secs(10), self.review_inner(token))
-            .await
-            .map_err(|_| "the TokenReview API did not answer within 10s".to_string())?
-    }
-
-    async fn review_inner(&self, token: &str) -> Result<(String, String), String> {
         let body = serde_json::json!({
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
             "spec": {"token": token, "audiences": [AUDIENCE]},
         });
-        let mut req = http::Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
-            .header(http::header::HOST, format!("{}:{}", self.host, self.port))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, "application/json");
-        if let Some(path) = &self.config.token_file {
-            let own = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            req = req.header(
-                http::header::AUTHORIZATION,
-                format!("Bearer {}", own.trim()),
-            );
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| {
-                format!(
-                    "cannot reach the TokenReview API at {}: {e}",
-                    self.config.url
-                )
-            })?;
-        let name = ServerName::try_from(self.host.clone())
-            .map_err(|e| format!("--tokenreview-url host {:?}: {e}", self.host))?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| {
-                format!(
-                    "TLS to the TokenReview API at {} failed: {e}",
-                    self.config.url
-                )
-            })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        let rsp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = rsp.status();
-        let bytes = rsp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
+        let (status, bytes) = self
+            .client
+            .request(
+                Method::POST,
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                Some("application/json"),
+                Some(body.to_string().into_bytes()),
+            )
+            .await?;
+        // 201 Created is the API's answer; 200 is accepted too, as from older servers.
         if !status.is_success() {
             return Err(format!(
-                "the TokenReview API answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-                    .chars()
-                    .take(200)
-                    .collect::<String>()
+                "the TokenReview API answered {status}{}: {}",
+                if status == StatusCode::FORBIDDEN {
+                    " (may the control plane's service account create tokenreviews? see its ClusterRole)"
+                } else {
+                    ""
+                },
+                excerpt(&bytes)
             ));
         }
         let review: serde_json::Value = serde_json::from_slice(&bytes)
