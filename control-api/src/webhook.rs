@@ -189,21 +189,19 @@ fn pod_name(pod: &Value) -> &str {
 }
 
 fn plain(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
-    *rsp.status_mut() = status;
-    rsp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    rsp
+    respond(status, "text/plain; charset=utf-8", format!("{message}\n"))
 }
 
 fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
-    let mut rsp = Response::new(Full::new(Bytes::from(v.to_string())));
+    respond(status, "application/json", v.to_string())
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut rsp = Response::new(Full::new(Bytes::from(body)));
     *rsp.status_mut() = status;
     rsp.headers_mut().insert(
         http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        http::HeaderValue::from_static(content_type),
     );
     rsp
 }

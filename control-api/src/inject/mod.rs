@@ -228,27 +228,22 @@ pub fn inject(
         let text = serde_json::to_string(&originals).unwrap_or_default();
         new_annotations.push((ANNOTATION_ORIGINAL_PROBES, json!(text)));
     }
-    match (meta, annotations) {
-        (None, _) => {
-            let a: Map<String, Value> = new_annotations
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-            ops.push(json!({"op": "add", "path": "/metadata", "value": {"annotations": a}}));
+    if annotations.is_some() {
+        for (k, v) in new_annotations {
+            let path = format!("/metadata/annotations/{}", escape_pointer(k));
+            ops.push(json!({"op": "add", "path": path, "value": v}));
         }
-        (Some(_), None) => {
-            let a: Map<String, Value> = new_annotations
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect();
-            ops.push(json!({"op": "add", "path": "/metadata/annotations", "value": a}));
-        }
-        (Some(_), Some(_)) => {
-            for (k, v) in new_annotations {
-                let path = format!("/metadata/annotations/{}", escape_pointer(k));
-                ops.push(json!({"op": "add", "path": path, "value": v}));
-            }
-        }
+    } else {
+        let a: Map<String, Value> = new_annotations
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        // Create what is missing: the annotations, or the whole metadata.
+        let (path, value) = match meta {
+            Some(_) => ("/metadata/annotations", json!(a)),
+            None => ("/metadata", json!({"annotations": a})),
+        };
+        ops.push(json!({"op": "add", "path": path, "value": value}));
     }
     Ok(Outcome::Injected(ops))
 }

@@ -42,7 +42,6 @@ pub(super) struct Exchange {
     /// The `destination` label when no policy names one (the connection's original destination).
     pub destination: Arc<str>,
     pub start: Instant,
-    pub start_time: SystemTime,
     pub request_bytes: Option<Arc<AtomicU64>>,
     pub response: ResponseFacts,
 }
@@ -105,12 +104,13 @@ impl Exchange {
             request_bytes,
             response_bytes: end.response_bytes,
         });
-        let error_detail = r.error_detail.clone().or(end.incomplete);
         let trace = span.as_ref().map(|s| (s.span.trace_id, s.span.span_id));
         let policy = r.route.as_ref().map(|route| route.name.as_str());
         if let Some(log) = &self.telemetry.access_log {
+            let duration = self.start.elapsed();
             log.log(Record::Http(Box::new(HttpRecord {
-                time: self.start_time,
+                // When the request arrived, derived rather than read on every request.
+                time: SystemTime::now() - duration,
                 direction: self.direction,
                 protocol: self.protocol,
                 method: self.method.clone(),
@@ -118,7 +118,7 @@ impl Exchange {
                 path: self.target.path.clone(),
                 status: r.status,
                 grpc_status,
-                duration: self.start.elapsed(),
+                duration,
                 response_headers: r.latency,
                 request_bytes,
                 response_bytes: end.response_bytes,
@@ -129,7 +129,7 @@ impl Exchange {
                 peer_identity: r.peer.clone(),
                 tls: r.peer.is_some(),
                 error: r.error,
-                error_detail,
+                error_detail: r.error_detail.clone().or(end.incomplete),
                 trace,
             })));
         }

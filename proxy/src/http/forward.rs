@@ -18,7 +18,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use http::header::{CONTENT_LENGTH, HOST};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
@@ -146,7 +146,6 @@ impl Forwarder {
             orig_dst: *conn.orig_dst.as_ref().unwrap_or(&conn.client),
             destination: conn.destination.clone(),
             start,
-            start_time: SystemTime::now(),
             request_bytes: None,
             response: ResponseFacts {
                 peer: match self.direction {
@@ -249,8 +248,8 @@ impl Forwarder {
                 outcome
             }
             Direction::outbound => {
-                let authority = ex.target.authority.clone();
-                self.call(call, body, &authority, start, parent).await
+                self.call(call, body, &ex.target.authority, start, parent)
+                    .await
             }
         };
         self.respond(ex, outcome, client_upgrade)
@@ -650,11 +649,7 @@ fn classify_response(rsp: &Response<Incoming>) -> Option<Failure> {
         _ => {}
     }
     let http = rsp.status().as_u16();
-    let grpc = rsp
-        .headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok());
-    match grpc {
+    match Exchange::grpc_status_of(rsp.headers()) {
         Some(0) => None,
         Some(code) => Some(Failure::Status {
             http,

@@ -169,8 +169,8 @@ impl RouteTable {
     }
 }
 
-/// `host[:port]` → (lower-case host without a trailing dot, port).
-fn split_authority(authority: &str) -> (&str, Option<u16>) {
+/// `host[:port]` or `[v6]:port` → (host, port).
+pub(crate) fn split_authority(authority: &str) -> (&str, Option<u16>) {
     if let Some(rest) = authority.strip_prefix('[') {
         // [v6]:port
         let (host, after) = rest.split_once(']').unwrap_or((rest, ""));

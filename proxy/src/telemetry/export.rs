@@ -166,8 +166,12 @@ async fn export_loop(
     };
     exporter.set_resource(&resource);
     tracing::info!(%endpoint, "exporting traces over OTLP/gRPC");
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut failing = false;
+    let mut shipper = Shipper {
+        exporter,
+        metrics,
+        endpoint,
+        failing: false,
+    };
     let deadline = loop {
         // Wake on a timer, or early when the queue is half full: never per span, so a request
         // that queues a span wakes no thread.
@@ -177,62 +181,65 @@ async fn export_loop(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(BATCH_DELAY) => {}
         }
+        shipper.ship_queued(&mut queue).await;
+    };
+    // Shutdown: what is queued, until the deadline.
+    queue.close();
+    if tokio::time::timeout_at(deadline.into(), shipper.ship_queued(&mut queue))
+        .await
+        .is_err()
+    {
+        tracing::warn!("trace export: shutdown deadline reached with spans still queued");
+    }
+    let _ = shipper.exporter.shutdown();
+}
+
+/// Exports batches and counts what became of each span.
+struct Shipper {
+    exporter: opentelemetry_otlp::SpanExporter,
+    metrics: ExportMetrics,
+    endpoint: String,
+    /// Whether the last export failed: failure and recovery are logged once each.
+    failing: bool,
+}
+
+impl Shipper {
+    /// Exports everything queued now, in batches of up to `BATCH`.
+    async fn ship_queued(&mut self, queue: &mut mpsc::Receiver<SpanData>) {
         loop {
+            let mut batch = Vec::with_capacity(BATCH);
             while batch.len() < BATCH {
                 match queue.try_recv() {
                     Ok(span) => batch.push(span),
                     Err(_) => break,
                 }
             }
-            if batch.is_empty() {
-                break;
+            let (n, full) = (batch.len() as u64, batch.len() == BATCH);
+            if n == 0 {
+                return;
             }
-            let n = batch.len() as u64;
-            let full = n == BATCH as u64;
-            match exporter.export(std::mem::take(&mut batch)).await {
+            let endpoint = &self.endpoint;
+            match self.exporter.export(batch).await {
                 Ok(()) => {
-                    metrics.exported.inc_by(n);
-                    if failing {
+                    self.metrics.exported.inc_by(n);
+                    if self.failing {
                         tracing::info!(%endpoint, "trace export recovered");
-                        failing = false;
+                        self.failing = false;
                     }
                 }
                 Err(e) => {
-                    metrics.dropped_export_failed.inc_by(n);
-                    if !failing {
+                    self.metrics.dropped_export_failed.inc_by(n);
+                    if !self.failing {
                         tracing::warn!(%endpoint, error = %e, spans = n, "trace export failed; spans are dropped (and counted) until the collector answers");
-                        failing = true;
+                        self.failing = true;
                     }
                 }
             }
             if !full {
-                break;
+                return;
             }
         }
-    };
-    // Shutdown: what is queued, in batches, until the deadline.
-    queue.close();
-    let flush = async {
-        loop {
-            let got = queue.recv_many(&mut batch, BATCH).await;
-            if got == 0 {
-                break;
-            }
-            let n = batch.len() as u64;
-            let counter = match exporter.export(std::mem::take(&mut batch)).await {
-                Ok(()) => &metrics.exported,
-                Err(_) => &metrics.dropped_export_failed,
-            };
-            counter.inc_by(n);
-        }
-    };
-    if tokio::time::timeout_at(deadline.into(), flush)
-        .await
-        .is_err()
-    {
-        tracing::warn!("trace export: shutdown deadline reached with spans still queued");
     }
-    let _ = exporter.shutdown();
 }
 
 #[cfg(test)]

@@ -141,17 +141,8 @@ fn split_host_port(authority: &str, orig_dst: SocketAddr) -> (Cow<'_, str>, u16)
     if authority.is_empty() {
         return (orig_dst.ip().to_string().into(), orig_dst.port());
     }
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').unwrap_or((rest, ""));
-        let port = after.strip_prefix(':').and_then(|p| p.parse().ok());
-        return (host.into(), port.unwrap_or(orig_dst.port()));
-    }
-    match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => {
-            (host.into(), port.parse().unwrap_or(orig_dst.port()))
-        }
-        _ => (authority.into(), orig_dst.port()),
-    }
+    let (host, port) = crate::policy::routes::split_authority(authority);
+    (host.into(), port.unwrap_or(orig_dst.port()))
 }
 
 #[cfg(test)]
