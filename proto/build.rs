@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "trellis/v1/config.proto",
         "trellis/v1/policy_service.proto",
         "trellis/v1/identity.proto",
+        "trellis/v1/discovery.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed=proto/{f}");

@@ -33,6 +33,23 @@ struct CertifyLabels {
     reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResourceLabels {
+    resource: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WatchEventLabels {
+    resource: &'static str,
+    r#type: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RelistLabels {
+    resource: &'static str,
+    reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     connected: Gauge,
@@ -43,6 +60,12 @@ pub struct Metrics {
     certify: Family<CertifyLabels, Counter>,
     unauthorized: Family<ReasonLabels, Counter>,
     injections: Family<ResultLabels, Counter>,
+    kube_watch_events: Family<WatchEventLabels, Counter>,
+    kube_relists: Family<RelistLabels, Counter>,
+    kube_watch_errors: Family<ResourceLabels, Counter>,
+    kube_synced: Family<ResourceLabels, Gauge>,
+    /// `DiscoveryService` figures (registered with the rest).
+    pub discovery: crate::discovery::DiscoveryMetrics,
     pub ready: AtomicBool,
 }
 
@@ -97,7 +120,37 @@ impl Default for Metrics {
             "Admission reviews of pods: injected, skipped (opted out, not opted in, already injected, hostNetwork), refused (cannot be injected, e.g. an app running as the proxy's UID), invalid-review",
             injections.clone(),
         );
+        let discovery = crate::discovery::DiscoveryMetrics::register(&mut registry);
+        let kube_watch_events = Family::<WatchEventLabels, Counter>::default();
+        registry.register(
+            "kube_watch_events",
+            "Kubernetes watch events received, by resource and type (added, modified, deleted, bookmark, error)",
+            kube_watch_events.clone(),
+        );
+        let kube_relists = Family::<RelistLabels, Counter>::default();
+        registry.register(
+            "kube_relists",
+            "Full lists of a Kubernetes resource, by reason: start, expired (the watch's resourceVersion was too old) or error (retrying a failed list)",
+            kube_relists.clone(),
+        );
+        let kube_watch_errors = Family::<ResourceLabels, Counter>::default();
+        registry.register(
+            "kube_watch_errors",
+            "Failed lists and watches of a Kubernetes resource (unreachable, refused, invalid answer); each is retried with backoff",
+            kube_watch_errors.clone(),
+        );
+        let kube_synced = Family::<ResourceLabels, Gauge>::default();
+        registry.register(
+            "kube_synced",
+            "1 while the view of a Kubernetes resource is current (listed, watch open), 0 while listing or watching fails",
+            kube_synced.clone(),
+        );
         Self {
+            discovery,
+            kube_watch_events,
+            kube_relists,
+            kube_watch_errors,
+            kube_synced,
             registry,
             certify,
             unauthorized,
@@ -148,6 +201,26 @@ impl Metrics {
         self.injections
             .get_or_create(&ResultLabels { result })
             .inc();
+    }
+    pub fn kube_watch_event(&self, resource: &'static str, r#type: &'static str) {
+        self.kube_watch_events
+            .get_or_create(&WatchEventLabels { resource, r#type })
+            .inc();
+    }
+    pub fn kube_relist(&self, resource: &'static str, reason: &'static str) {
+        self.kube_relists
+            .get_or_create(&RelistLabels { resource, reason })
+            .inc();
+    }
+    pub fn kube_watch_error(&self, resource: &'static str) {
+        self.kube_watch_errors
+            .get_or_create(&ResourceLabels { resource })
+            .inc();
+    }
+    pub fn kube_synced(&self, resource: &'static str, synced: bool) {
+        self.kube_synced
+            .get_or_create(&ResourceLabels { resource })
+            .set(i64::from(synced));
     }
     pub fn encode(&self) -> String {
         let mut out = String::new();

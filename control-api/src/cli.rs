@@ -217,22 +217,24 @@ async fn wait_for_acks(
             .await
             .map_err(status_message)?
             .into_inner();
+        // Our version, or the one that superseded it since (a proxy is sent only the latest).
+        // Versions are compared for equality: in Kubernetes they are content hashes, not
+        // counters.
+        let in_force = status.version;
+        let reached = |v: u64| v == version || v == in_force;
         pending.retain(|id| {
             let Some(p) = status.proxies.iter().find(|p| &p.id == id) else {
                 failed.push(format!("{id}: disconnected before acknowledging"));
                 return false;
             };
-            if p.last_nack_version
-                .parse::<u64>()
-                .is_ok_and(|v| v >= version)
-            {
+            if p.last_nack_version.parse::<u64>().is_ok_and(reached) {
                 failed.push(format!(
                     "{id}: rejected version {}: {}",
                     p.last_nack_version, p.last_nack_error
                 ));
                 return false;
             }
-            if p.acked_version.parse::<u64>().is_ok_and(|v| v >= version) {
+            if p.acked_version.parse::<u64>().is_ok_and(reached) {
                 let took = p.acked_at_ms.saturating_sub(committed_at_ms);
                 println!("acknowledged by {id} in {took} ms");
                 return false;

@@ -8,6 +8,8 @@
 
 pub mod admin;
 pub mod cli;
+pub mod crds;
+pub mod discovery;
 pub mod identity;
 pub mod inject;
 pub mod kube;

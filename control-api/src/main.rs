@@ -11,16 +11,20 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use trellis_control::admin::{self, Metrics};
 use trellis_control::cli::{self, Target};
+use trellis_control::discovery::Discovery;
+use trellis_control::discovery::service::DiscoveryServer;
 use trellis_control::identity::tokenreview::TokenReviewConfig;
 use trellis_control::identity::{Authority, IdentityConfig};
 use trellis_control::inject::{self, InjectConfig};
-use trellis_control::kube::{KubeClient, KubeConfig, keep_webhook_ca_bundle};
+use trellis_control::kube::config::{self as kube_config, KubeFlags};
+use trellis_control::kube::{KubeClient, KubeConfig, ca_secret, keep_webhook_ca_bundle};
 use trellis_control::server::{
     ConfigServer, Hub, IdentityServer, PolicyServer, TokenServer, admin_only,
 };
 use trellis_control::store::Store;
 use trellis_control::webhook::Webhook;
 use trellis_proto::pb::config_service_server::ConfigServiceServer;
+use trellis_proto::pb::discovery_service_server::DiscoveryServiceServer;
 use trellis_proto::pb::identity_service_server::IdentityServiceServer;
 use trellis_proto::pb::policy_service_server::PolicyServiceServer;
 use trellis_proto::pb::token_service_server::TokenServiceServer;
@@ -158,26 +162,41 @@ struct ServeArgs {
     /// Extra DNS names or IPs in the control plane's serving certificate (comma-separated).
     #[arg(long, env = "TRELLIS_TLS_SANS", value_delimiter = ',')]
     tls_san: Vec<String>,
-    /// The Kubernetes API server (https://kubernetes.default.svc in a cluster): TokenReview
-    /// for service-account tokens, and the webhook's caBundle. Unset: join tokens only.
+    /// Run against Kubernetes: the API server from --kube-api-url, else --kubeconfig, else the
+    /// pod's service account; the CA and admin token shared by all replicas through the Secret
+    /// --ca-secret (the state dir becomes a cache); TokenReview; watches.
+    #[arg(long, env = "TRELLIS_KUBERNETES", value_parser = clap::builder::BoolishValueParser::new())]
+    kubernetes: bool,
+    /// The Kubernetes API server: TokenReview for service-account tokens, and the webhook's
+    /// caBundle (also without --kubernetes). Unset and no --kubernetes: join tokens only.
     #[arg(long, env = "TRELLIS_KUBE_API_URL", alias = "tokenreview-url")]
     kube_api_url: Option<String>,
-    /// Trust anchors of the API server.
-    #[arg(
-        long,
-        env = "TRELLIS_KUBE_CA",
-        alias = "tokenreview-ca",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-    )]
-    kube_ca: PathBuf,
-    /// The control plane's own token for the API server (re-read on every request).
+    /// Trust anchors of the API server [default with --kube-api-url:
+    /// /var/run/secrets/kubernetes.io/serviceaccount/ca.crt]; replaces a kubeconfig's.
+    #[arg(long, env = "TRELLIS_KUBE_CA", alias = "tokenreview-ca")]
+    kube_ca: Option<PathBuf>,
+    /// The control plane's own token for the API server, re-read on every request [default
+    /// with --kube-api-url: /var/run/secrets/kubernetes.io/serviceaccount/token]; replaces a
+    /// kubeconfig's.
     #[arg(
         long,
         env = "TRELLIS_KUBE_TOKEN_FILE",
-        alias = "tokenreview-token-file",
-        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        alias = "tokenreview-token-file"
     )]
-    kube_token_file: PathBuf,
+    kube_token_file: Option<PathBuf>,
+    /// With --kubernetes and no --kube-api-url: a kubeconfig (several separated by ':'); its
+    /// user must authenticate with a bearer token.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<String>,
+    /// The context of --kubeconfig to use instead of its current-context.
+    #[arg(long, env = "TRELLIS_KUBE_CONTEXT")]
+    kube_context: Option<String>,
+    /// With --kubernetes: the cluster's DNS domain (services are name.namespace.svc.<domain>).
+    #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
+    /// With --kubernetes: the Secret in --namespace holding the mesh CA and admin token.
+    #[arg(long, env = "TRELLIS_CA_SECRET", default_value = "trellis-ca")]
+    ca_secret: String,
     /// HTTPS address of the sidecar-injection webhook (AdmissionReview v1 on POST /inject and
     /// /inject-annotated); unset: no webhook.
     #[arg(long, env = "TRELLIS_WEBHOOK_ADDR")]
@@ -191,7 +210,7 @@ struct ServeArgs {
     #[arg(long, env = "TRELLIS_WEBHOOK_TLS_KEY", requires = "webhook_tls_cert")]
     webhook_tls_key: Option<PathBuf>,
     /// The MutatingWebhookConfiguration whose caBundle the control plane keeps (needs
-    /// --kube-api-url and no --webhook-tls-cert).
+    /// --kubernetes or --kube-api-url, and no --webhook-tls-cert).
     #[arg(
         long,
         env = "TRELLIS_WEBHOOK_CONFIG_NAME",
@@ -355,13 +374,18 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     admin::serve(admin_addr, metrics.clone())
         .await
         .map_err(|e| format!("cannot listen on {admin_addr} (admin): {e}"))?;
-    let (store, state) = Store::open(state_dir).map_err(|e| e.to_string())?;
-    tracing::info!(version = state.version, traffic = state.traffic.len(), server = state.server.len(), dir = %state_dir.display(), "state loaded");
-    let tokenreview = args.kube_api_url.clone().map(|url| TokenReviewConfig {
-        url,
-        ca_file: args.kube_ca.clone(),
-        token_file: Some(args.kube_token_file.clone()),
-    });
+    // In Kubernetes the policy resources are the store; the state dir (an emptyDir) is not.
+    let stored = if args.kubernetes {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| format!("--state-dir {}: {e}", state_dir.display()))?;
+        None
+    } else {
+        let (store, state) = Store::open(state_dir).map_err(|e| e.to_string())?;
+        tracing::info!(version = state.version, traffic = state.traffic.len(), server = state.server.len(), dir = %state_dir.display(), "state loaded");
+        Some((store, state))
+    };
+    let api = connect_kube(&args).await?;
+    let tokenreview: Option<TokenReviewConfig> = api.as_ref().map(|(config, _)| config.clone());
     let config = IdentityConfig {
         trust_domain: args.trust_domain.clone(),
         namespace: args.namespace.clone(),
@@ -373,15 +397,55 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let authority = Authority::bootstrap(state_dir, config, grpc_addr, metrics.clone())?;
     let tls = authority.server_tls(grpc_addr)?;
+    let api = api.map(|(_, client)| client);
     if let Some(addr) = args.webhook_addr {
-        start_webhook(&args, addr, &authority, metrics.clone()).await?;
+        start_webhook(&args, addr, &authority, api.clone(), metrics.clone()).await?;
     }
-    let hub = Hub::new(store, state, metrics.clone());
+    let hub = match stored {
+        Some((store, state)) => Hub::new(store, state, metrics.clone()),
+        None => Hub::without_store(metrics.clone()),
+    };
+    // The API server with --kubernetes (watches); not with --kube-api-url alone.
+    let kube: Option<Arc<KubeClient>> = api.filter(|_| args.kubernetes);
+    // Policies: TrafficPolicy and ServerPolicy resources watched into the hub, written through.
+    let policy_writer = kube
+        .as_ref()
+        .map(|kube| trellis_control::crds::start(hub.clone(), kube.clone(), metrics.clone()));
+    // Discovery: Services, EndpointSlices and Pods watched, served on demand to proxies.
+    let discovery = kube.as_ref().map(|kube| {
+        let discovery = Discovery::new();
+        trellis_control::discovery::run(
+            kube.clone(),
+            metrics.clone(),
+            discovery.clone(),
+            &args.cluster_domain,
+            &args.trust_domain,
+        );
+        discovery
+    });
     let listener = tokio::net::TcpListener::bind(grpc_addr)
         .await
         .map_err(|e| format!("cannot listen on {grpc_addr} (gRPC): {e}"))?;
     tracing::info!(%grpc_addr, %admin_addr, identity = %authority.control_identity, "serving");
-    metrics.ready.store(true, Ordering::Release);
+    // Ready once there is something right to serve: in Kubernetes, after the first list of
+    // policies and of services, endpoints and pods (a replica that cannot reach the API server
+    // never takes proxies from one that can).
+    match &discovery {
+        None => metrics.ready.store(true, Ordering::Release),
+        Some(discovery) => {
+            let (hub, metrics, mut synced) = (hub.clone(), metrics.clone(), discovery.synced());
+            tokio::spawn(async move {
+                let _ = synced.wait_for(|s| *s).await;
+                while !hub.policy_loaded() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                tracing::info!("synced with the Kubernetes API: ready");
+                metrics.ready.store(true, Ordering::Release);
+            });
+        }
+    }
+    let discovery =
+        discovery.map(|d| DiscoveryServiceServer::new(DiscoveryServer::new(d, metrics.clone())));
     let incoming = trellis_control::tls::incoming(listener, tls);
     let shutdown = async {
         let mut term =
@@ -393,7 +457,10 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         tracing::info!("shutting down");
     };
     let policy = PolicyServiceServer::with_interceptor(
-        PolicyServer::new(hub.clone()),
+        match policy_writer {
+            Some(writer) => PolicyServer::kubernetes(hub.clone(), writer),
+            None => PolicyServer::new(hub.clone()),
+        },
         admin_only(authority.clone(), "PolicyService"),
     );
     let tokens = TokenServiceServer::with_interceptor(
@@ -406,9 +473,43 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .add_service(tokens)
         .add_service(IdentityServiceServer::new(IdentityServer::new(authority)))
         .add_service(ConfigServiceServer::new(ConfigServer::new(hub)))
+        .add_optional_service(discovery)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("gRPC server failed: {e}"))
+}
+
+/// The API server (see `config::resolve`) and one client for it. With --kubernetes, also puts
+/// the CA and admin token shared by all replicas into the state dir, where
+/// `Authority::bootstrap` loads them (unless --ca-cert gives the operator's CA).
+async fn connect_kube(args: &ServeArgs) -> Result<Option<(KubeConfig, Arc<KubeClient>)>, String> {
+    let flags = KubeFlags {
+        kubernetes: args.kubernetes,
+        api_url: args.kube_api_url.clone(),
+        ca: args.kube_ca.clone(),
+        token_file: args.kube_token_file.clone(),
+        kubeconfig: args.kubeconfig.clone(),
+        context: args.kube_context.clone(),
+    };
+    let Some(resolved) = kube_config::resolve(&flags)? else {
+        return Ok(None);
+    };
+    let client = Arc::new(KubeClient::new(resolved.config.clone())?);
+    tracing::info!(url = client.url(), source = %resolved.source, "Kubernetes API server");
+    if let Some(ns) = resolved
+        .namespace
+        .as_deref()
+        .filter(|ns| *ns != args.namespace)
+    {
+        tracing::warn!(namespace = ns, control_plane_namespace = %args.namespace, "the API server source names another namespace than --namespace; the CA Secret is read from --namespace");
+    }
+    if args.kubernetes {
+        let (ns, name) = (&args.namespace, &args.ca_secret);
+        ca_secret::load_or_create(&client, ns, name, &args.trust_domain)
+            .await?
+            .write_to(&args.state_dir, args.ca_cert.is_none())?;
+    }
+    Ok(Some((resolved.config, client)))
 }
 
 /// The admission webhook, with the control plane's serving certificate (whose CA goes into the
@@ -417,19 +518,15 @@ async fn start_webhook(
     args: &ServeArgs,
     addr: SocketAddr,
     authority: &Arc<Authority>,
+    api: Option<Arc<KubeClient>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), String> {
     let tls = match (&args.webhook_tls_cert, &args.webhook_tls_key) {
         (Some(cert), Some(key)) => trellis_control::tls::static_server_config(cert, key)?,
         _ => {
             let tls = authority.webhook_tls()?;
-            match &args.kube_api_url {
-                Some(url) => {
-                    let client = KubeClient::new(KubeConfig {
-                        url: url.clone(),
-                        ca_file: args.kube_ca.clone(),
-                        token_file: Some(args.kube_token_file.clone()),
-                    })?;
+            match api {
+                Some(client) => {
                     let (name, pem) = (
                         args.webhook_config_name.clone(),
                         authority.ca_pem().to_string(),
@@ -439,7 +536,7 @@ async fn start_webhook(
                     });
                 }
                 None => tracing::warn!(
-                    "--webhook-addr without --kube-api-url: put the mesh CA (ca.pem in the state dir) into the webhook configuration's caBundle yourself"
+                    "--webhook-addr without --kubernetes or --kube-api-url: put the mesh CA (ca.pem in the state dir) into the webhook configuration's caBundle yourself"
                 ),
             }
             tls

@@ -3,7 +3,7 @@
 //! - [`policy`]: the policy model — `TrafficPolicy` and `ServerPolicy` documents as people write
 //!   them in YAML, parsed into typed values and validated with errors that name the field.
 //! - [`pb`]: the gRPC services and messages generated from `proto/trellis/v1/*.proto`
-//!   (`ConfigService`, `PolicyService`, `IdentityService`, `TokenService`).
+//!   (`ConfigService`, `DiscoveryService`, `PolicyService`, `IdentityService`, `TokenService`).
 //! - [`wire`]: conversions between the two, validated by the same rules as YAML.
 
 pub mod policy;

@@ -166,6 +166,13 @@ pub struct RunArgs {
     #[serde(with = "humantime_serde_compat")]
     pub policy_poll_interval: Duration,
 
+    /// With --control-plane: how long the first connection to a new destination waits for
+    /// the control plane to say which service it is (its endpoints and their identities);
+    /// afterwards it is known. 0: never wait (the first calls go to the original destination).
+    #[arg(long, env = "TRELLIS_DISCOVERY_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub discovery_timeout: Duration,
+
     /// The cluster's DNS domain, for completing short service names (`reviews.default`).
     #[arg(long, env = "TRELLIS_CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,

@@ -6,6 +6,7 @@
 //!   ([`orig_dst`]), refuses loops, and hands it to [`detect`].
 //! - [`detect`]: HTTP/1, HTTP/2 or opaque TCP, from the first bytes or a short timeout.
 //! - [`http`]: HTTP/1.1, HTTP/2 and gRPC proxying through hyper; [`tcp`]: opaque byte copy.
+//! - [`discovery`]: a ClusterIP's endpoints and their identities, from the control plane.
 //! - [`policy`]: the TrafficPolicy that applies to an outbound call; [`retry`], [`replay`] and
 //!   [`balance`]: retries within a budget, replayable bodies, endpoint choice and ejection.
 //! - [`transport`]: dials upstream endpoints and pools connections per (endpoint, identity).
@@ -19,6 +20,7 @@ pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod detect;
+pub mod discovery;
 pub mod drain;
 pub mod error;
 pub mod http;

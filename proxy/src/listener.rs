@@ -43,6 +43,8 @@ pub struct ListenerConfig {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Connections with no traffic for this long are closed.
     pub idle_timeout: Option<Duration>,
+    /// Outbound, with a control plane: service discovery.
+    pub discovery: Option<Arc<crate::discovery::Discovery>>,
 }
 
 pub struct Listener {
@@ -133,22 +135,37 @@ impl Listener {
             activity.clone(),
         );
 
+        // Outbound: what discovery knows about the destination (a new one waits briefly for
+        // the control plane's answer, once).
+        let target = match (direction, &orig_dst, &self.config.discovery) {
+            (Direction::outbound, Ok(dst), Some(discovery)) => discovery.lookup(*dst).await,
+            _ => None,
+        };
+        let discovered = target.as_ref().and_then(|t| t.current());
         // The policy in force when the connection arrived decides how it is handled.
         let snapshot = self.policies.current();
         let route = match (direction, &orig_dst) {
             (Direction::outbound, Ok(dst)) => Some(
                 snapshot
                     .routes
-                    .route(None, *dst, &self.policies.scope)
+                    .route_with(
+                        None,
+                        *dst,
+                        &self.policies.scope,
+                        discovered.as_ref().map(|d| &*d.authority),
+                    )
                     .clone(),
             ),
             _ => None,
         };
         let declared_opaque = match (direction, &orig_dst) {
             (Direction::inbound, Ok(dst)) => snapshot.inbound_opaque_ports.contains(&dst.port()),
-            _ => route
-                .as_ref()
-                .is_some_and(|r| r.policy.protocol == DeclaredProtocol::Opaque),
+            _ => match route.as_ref().map(|r| r.policy.protocol) {
+                Some(DeclaredProtocol::Auto) | None => discovered
+                    .as_ref()
+                    .is_some_and(|d| d.protocol == DeclaredProtocol::Opaque),
+                Some(p) => p == DeclaredProtocol::Opaque,
+            },
         };
         let server_policy = match (direction, &orig_dst) {
             (Direction::inbound, Ok(dst)) => {
@@ -241,6 +258,7 @@ impl Listener {
                         route,
                         idle_timeout,
                         snapshot,
+                        discovered,
                     };
                     tcp::forward(
                         io,
@@ -262,7 +280,11 @@ impl Listener {
             Protocol::Http1 | Protocol::Http2 => {
                 // Each request reads the snapshot in force when it arrives.
                 drop(snapshot);
-                let info = ConnInfo::plain(client, orig_dst, protocol);
+                let mut info = ConnInfo::plain(client, orig_dst, protocol);
+                if let Some(d) = &discovered {
+                    info.destination = d.authority.clone();
+                }
+                info.discovered = target;
                 tokio::select! {
                     _ = http::serve(io, self.http.clone(), info, drain) => {}
                     _ = activity.expired(self.config.idle_timeout) => {
@@ -329,6 +351,7 @@ impl Listener {
                     route: None,
                     idle_timeout: self.config.idle_timeout,
                     snapshot: None,
+                    discovered: None,
                 };
                 tcp::forward(
                     stream,

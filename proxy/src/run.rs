@@ -16,6 +16,7 @@ use trellis_identity::tls::Credentials;
 
 use crate::admin::{self, AdminState};
 use crate::cli::RunArgs;
+use crate::discovery::Discovery;
 use crate::drain::{self, Drained};
 use crate::identity::{self, Installer, certify};
 use crate::listener::{Listener, ListenerConfig};
@@ -74,10 +75,17 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         metrics.policy_load(true, &version);
     }
     let settings = serde_json::to_value(&args).unwrap_or_default();
+    let discovery = control_plane
+        .as_ref()
+        .map(|_| Discovery::new(args.discovery_timeout));
     let config: admin::ConfigFn = {
         let policies = policies.clone();
+        let discovery = discovery.clone();
         Box::new(move || {
             let mut config = policies.config_json();
+            if let Some(d) = &discovery {
+                config["discovery"] = d.config_json();
+            }
             config["proxy"] = settings.clone();
             config
         })
@@ -116,6 +124,7 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
             identity_source,
             control_plane,
             telemetry,
+            discovery,
         },
     ));
     // The drain is over: spans still queued get a short flush window, log lines are written.
@@ -296,6 +305,7 @@ struct Startup {
     identity_source: IdentitySource,
     control_plane: Option<ControlPlane>,
     telemetry: Arc<Telemetry>,
+    discovery: Option<Arc<Discovery>>,
 }
 
 async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
@@ -307,6 +317,7 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
         identity_source,
         control_plane,
         telemetry,
+        discovery,
     } = startup;
     let (installer, identity) = Installer::new(metrics.clone());
     let needs_identity = !matches!(identity_source, IdentitySource::None);
@@ -345,6 +356,9 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
         };
         let channel = control::channel(&cp.url, &cp.anchors_pem, cp.identity, identity.clone())
             .map_err(RunError::Identity)?;
+        let discover = discovery
+            .clone()
+            .map(|d| crate::discovery::follow(d, channel.clone(), who.workload.clone()));
         let follow = control::follow(
             cp.url,
             channel,
@@ -357,8 +371,12 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
         tokio::spawn(async move {
             // A proxy with an identity subscribes with its certificate, so the control plane
             // knows it is meshed (and which workload it may subscribe as).
+            // Both streams share one connection: it must carry the certificate from the start.
             if needs_identity {
                 identity.ready().await;
+            }
+            if let Some(discover) = discover {
+                tokio::spawn(discover);
             }
             follow.await
         });
@@ -395,6 +413,9 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
                 max_connections: args.max_connections,
                 telemetry: telemetry.clone(),
                 idle_timeout,
+                discovery: (direction == Direction::outbound)
+                    .then(|| discovery.clone())
+                    .flatten(),
             },
             pool,
             metrics.clone(),
@@ -437,7 +458,8 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
                     tracing::info!(admin = %admin_addr, "ready");
                 }
                 Some(url) => {
-                    ready_after_first_snapshot(url, first_snapshot, ready_timeout, admin).await
+                    ready_after_first_snapshot(url, first_snapshot, ready_timeout, admin, discovery)
+                        .await
                 }
             }
         });
@@ -462,6 +484,7 @@ async fn ready_after_first_snapshot(
     first: Arc<Notify>,
     timeout: std::time::Duration,
     admin: Arc<AdminState>,
+    discovery: Option<Arc<Discovery>>,
 ) {
     let start = tokio::time::Instant::now();
     loop {
@@ -472,6 +495,14 @@ async fn ready_after_first_snapshot(
             wait.min(timeout.saturating_sub(start.elapsed()))
         };
         if tokio::time::timeout(wait, first.notified()).await.is_ok() {
+            // The app's first calls should find discovery in place (a few ms after the policy).
+            if let Some(d) = &discovery
+                && !d.settled(std::time::Duration::from_secs(2)).await
+            {
+                tracing::warn!(
+                    "ready before the discovery stream opened: the first calls may go to their original destinations"
+                );
+            }
             admin.set_ready(true);
             tracing::info!(elapsed = ?start.elapsed(), "ready: the first policy snapshot is in force");
             return;

@@ -30,6 +30,8 @@ pub struct TcpTarget {
     /// Outbound: the policy snapshot the route came from, for the per-endpoint mutual-TLS
     /// decision (meshed pods).
     pub snapshot: Option<Arc<Snapshot>>,
+    /// Outbound: the service discovery resolved the original destination to.
+    pub discovered: Option<Arc<crate::discovery::Resolved>>,
 }
 
 /// Connects to the target and copies bytes both ways until both directions are done.
@@ -116,12 +118,17 @@ async fn connect(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let (addr, in_flight) = match &route.balancer {
+        let discovered = target.discovered.as_deref();
+        let balancer = route.balancer.as_ref().or(discovered.map(|d| &d.balancer));
+        let (addr, in_flight) = match balancer {
             Some(b) => match b.pick(&tried) {
                 Some(e) => (e.addr, Some(e.start())),
                 None => {
                     let err = ProxyError::NoHealthyEndpoints {
-                        policy: route.name.clone(),
+                        policy: match (&route.balancer, discovered) {
+                            (None, Some(d)) => d.authority.to_string(),
+                            _ => route.name.clone(),
+                        },
                         endpoints: b.endpoints().len(),
                     };
                     return Err((err, target.orig_dst));
@@ -131,7 +138,7 @@ async fn connect(
         };
         tried.push(addr);
         let identity = match &target.snapshot {
-            Some(s) => s.mtls_identity(route, addr, connector.has_identity()),
+            Some(s) => s.mtls_identity_with(route, addr, connector.has_identity(), discovered),
             None => route.mtls_identity.clone(),
         };
         let endpoint = Endpoint { addr, identity };

@@ -9,7 +9,7 @@ use std::time::Duration;
 use http::Method;
 use serde_json::{Value, json};
 use trellis_control::kube::{
-    KubeClient, KubeConfig, keep_webhook_ca_bundle, patch_webhook_ca_bundle,
+    KubeCa, KubeClient, KubeConfig, KubeToken, keep_webhook_ca_bundle, patch_webhook_ca_bundle,
 };
 use trellis_tests::harness::FakeApiServer;
 
@@ -37,8 +37,8 @@ impl Cluster {
         std::fs::write(&token_file, format!("{OWN_TOKEN}\n")).unwrap();
         let client = KubeClient::new(KubeConfig {
             url: api.url.clone(),
-            ca_file: api.ca_file.clone(),
-            token_file: Some(token_file.clone()),
+            ca: KubeCa::File(api.ca_file.clone()),
+            token: Some(KubeToken::File(token_file.clone())),
         })
         .unwrap();
         Self {

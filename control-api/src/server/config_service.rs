@@ -5,6 +5,9 @@
 //! carries the version and a fresh nonce, and the proxy's Ack or Nack for that nonce is recorded
 //! (a rejected version is never recorded as acknowledged). Only the latest state is ever sent:
 //! a proxy that falls behind skips versions instead of queueing them.
+//!
+//! A hub that has no policy set yet (Kubernetes mode before the first sync of the custom
+//! resources) sends nothing: the proxy keeps what it holds until there is something real.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -111,6 +114,7 @@ impl ConfigService for ConfigServer {
             },
         );
         drop(proxies);
+        self.hub.proxies_changed();
         self.hub.metrics.proxy_connected(1);
         // A proxy that proved a mesh identity makes its pod a mutual-TLS destination for others.
         let meshed_as = info.identity.as_ref().map(|identity| {
@@ -139,6 +143,7 @@ impl ConfigService for ConfigServer {
                 p.connected = false;
                 p.last_seen_ms = now_ms();
             }
+            hub.proxies_changed();
             hub.metrics.proxy_connected(-1);
             tracing::info!(%id, "proxy stream ended");
         });
@@ -159,35 +164,12 @@ async fn serve_stream(
     let mut nonce = 0u64;
     let mut first = true;
     loop {
-        // Send the current snapshot if it is new for this proxy.
-        let (shared, hash) = hub.snapshot_for(service_account);
-        let version: u64 = shared.version.parse().unwrap_or(0);
-        let (already_sent, acked) = {
-            let proxies = hub.lock_proxies();
-            let p = proxies.get(id);
-            (
-                p.and_then(|p| p.sent_hash) == Some(hash),
-                p.and_then(|p| p.acked_version),
-            )
-        };
-        let up_to_date = first && held == Some(version) && acked == Some(version);
-        if !already_sent && !up_to_date {
-            nonce += 1;
-            let mut snapshot = Snapshot::clone(&shared);
-            snapshot.nonce = nonce.to_string();
-            if let Some(p) = hub.lock_proxies().get_mut(id) {
-                p.sent_version = Some(version);
-                p.sent_hash = Some(hash);
-            }
-            hub.metrics.push();
-            if tx.send(Ok(snapshot)).await.is_err() {
+        if hub.policy_loaded() {
+            if !send_if_new(hub, id, service_account, held, first, &mut nonce, &tx).await {
                 return;
             }
-        } else if up_to_date && let Some(p) = hub.lock_proxies().get_mut(id) {
-            p.sent_version = Some(version);
-            p.sent_hash = Some(hash);
+            first = false;
         }
-        first = false;
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { return },
             changed = mesh.changed() => {
@@ -205,6 +187,48 @@ async fn serve_stream(
     }
 }
 
+/// Sends the current snapshot if it is new for this proxy: not already sent, and — on the first
+/// round — not the version the proxy said it holds and has acknowledged. `false`: the stream is
+/// gone.
+async fn send_if_new(
+    hub: &Hub,
+    id: &str,
+    service_account: &str,
+    held: Option<u64>,
+    first: bool,
+    nonce: &mut u64,
+    tx: &mpsc::Sender<Result<Snapshot, Status>>,
+) -> bool {
+    let (shared, hash) = hub.snapshot_for(service_account);
+    let version: u64 = shared.version.parse().unwrap_or(0);
+    let (already_sent, acked) = {
+        let proxies = hub.lock_proxies();
+        let p = proxies.get(id);
+        (
+            p.and_then(|p| p.sent_hash) == Some(hash),
+            p.and_then(|p| p.acked_version),
+        )
+    };
+    let up_to_date = first && held == Some(version) && acked == Some(version);
+    if !already_sent && !up_to_date {
+        *nonce += 1;
+        let mut snapshot = Snapshot::clone(&shared);
+        snapshot.nonce = nonce.to_string();
+        if let Some(p) = hub.lock_proxies().get_mut(id) {
+            p.sent_version = Some(version);
+            p.sent_hash = Some(hash);
+        }
+        hub.metrics.push();
+        if tx.send(Ok(snapshot)).await.is_err() {
+            return false;
+        }
+    } else if up_to_date && let Some(p) = hub.lock_proxies().get_mut(id) {
+        p.sent_version = Some(version);
+        p.sent_hash = Some(hash);
+    }
+    true
+}
+
 fn record_answer(hub: &Hub, id: &str, msg: ProxyMessage) {
     let mut proxies = hub.lock_proxies();
     let Some(p) = proxies.get_mut(id) else { return };
@@ -217,6 +241,7 @@ fn record_answer(hub: &Hub, id: &str, msg: ProxyMessage) {
             p.acked_version = Some(version);
             p.acked_at_ms = now_ms();
             drop(proxies);
+            hub.proxies_changed();
             hub.metrics.answer(true);
             if let Some(elapsed) = hub.since_commit(version) {
                 hub.metrics.converged(elapsed);
@@ -227,6 +252,7 @@ fn record_answer(hub: &Hub, id: &str, msg: ProxyMessage) {
             tracing::warn!(%id, version, error = %nack.error, "proxy rejected a snapshot");
             p.last_nack = Some((version, nack.error));
             drop(proxies);
+            hub.proxies_changed();
             hub.metrics.answer(false);
         }
         _ => {}

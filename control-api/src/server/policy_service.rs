@@ -1,4 +1,10 @@
 //! `PolicyService`: Apply, Delete, List and Status — what the CLI and any gRPC client call.
+//!
+//! Apply and Delete validate every document first (nothing is written when one is bad). Then,
+//! outside Kubernetes, the change is committed to the hub and its store; in Kubernetes it is
+//! written through the API server as custom resources, and the answer comes once the watch has
+//! brought it into force (see [`crate::crds::write`]). Either way the answer names the version and
+//! the proxies it changed, so `apply --wait` works the same.
 
 use std::sync::Arc;
 
@@ -11,15 +17,67 @@ use trellis_proto::policy::PolicySet;
 use trellis_proto::wire;
 
 use super::Hub;
+use crate::crds::{PolicyWriter, WriteError, write::Outcome};
 use crate::store::StoreError;
 
 pub struct PolicyServer {
     hub: Arc<Hub>,
+    /// Kubernetes mode: where Apply and Delete write.
+    kubernetes: Option<Arc<PolicyWriter>>,
 }
 
 impl PolicyServer {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self {
+            hub,
+            kubernetes: None,
+        }
+    }
+
+    /// Apply and Delete write custom resources through `writer`; the hub follows the watch.
+    pub fn kubernetes(hub: Arc<Hub>, writer: Arc<PolicyWriter>) -> Self {
+        Self {
+            hub,
+            kubernetes: Some(writer),
+        }
+    }
+
+    fn respond_written(
+        &self,
+        result: Result<Outcome, WriteError>,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        match result {
+            Ok(Outcome { changed, commit }) => {
+                let affected_proxies = if changed.is_empty() {
+                    Vec::new()
+                } else {
+                    tracing::info!(version = commit.version, changed = ?changed, affected = commit.affected.len(), "policy written to the Kubernetes API and in force");
+                    commit.affected
+                };
+                Ok(Response::new(ApplyResponse {
+                    version: commit.version,
+                    changed,
+                    affected_proxies,
+                    committed_at_ms: commit.committed_at_ms,
+                }))
+            }
+            Err(e) => {
+                self.hub.metrics.apply_error("storage");
+                tracing::warn!(error = %e, "writing policy to the Kubernetes API failed");
+                let code = match &e {
+                    WriteError::Refused { status, .. } => match status.as_u16() {
+                        400 | 422 => tonic::Code::InvalidArgument,
+                        401 | 403 => tonic::Code::PermissionDenied,
+                        404 => tonic::Code::FailedPrecondition,
+                        _ => tonic::Code::Unavailable,
+                    },
+                    WriteError::Unreachable { .. } => tonic::Code::Unavailable,
+                    WriteError::Conflict { .. } => tonic::Code::Aborted,
+                    WriteError::NotInForce { .. } => tonic::Code::DeadlineExceeded,
+                };
+                Err(Status::new(code, e.to_string()))
+            }
+        }
     }
 
     fn parse(&self, yaml: &str) -> Result<PolicySet, Status> {
@@ -57,13 +115,21 @@ impl PolicyServer {
 #[tonic::async_trait]
 impl PolicyService for PolicyServer {
     async fn apply(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
-        let set = self.parse(&req.into_inner().yaml)?;
-        self.respond(self.hub.commit(|state| state.with_applied(set)))
+        let yaml = req.into_inner().yaml;
+        let set = self.parse(&yaml)?;
+        match &self.kubernetes {
+            Some(writer) => self.respond_written(writer.apply(&yaml, &set).await),
+            None => self.respond(self.hub.commit(|state| state.with_applied(set))),
+        }
     }
 
     async fn delete(&self, req: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
-        let set = self.parse(&req.into_inner().yaml)?;
-        self.respond(self.hub.commit(|state| state.with_deleted(&set)))
+        let yaml = req.into_inner().yaml;
+        let set = self.parse(&yaml)?;
+        match &self.kubernetes {
+            Some(writer) => self.respond_written(writer.delete(&yaml, &set).await),
+            None => self.respond(self.hub.commit(|state| state.with_deleted(&set))),
+        }
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {

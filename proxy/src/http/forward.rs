@@ -65,6 +65,8 @@ struct Call {
     orig_dst: SocketAddr,
     grpc: bool,
     upgrade: bool,
+    /// Outbound: what discovery knows about the original destination.
+    discovered: Option<Arc<crate::discovery::Target>>,
 }
 
 /// How a call ended, for the response, the metrics and the access log.
@@ -240,6 +242,7 @@ impl Forwarder {
             orig_dst,
             grpc,
             upgrade,
+            discovered: conn.discovered.clone(),
         };
         let outcome = match self.direction {
             Direction::inbound => {
@@ -280,10 +283,23 @@ impl Forwarder {
         parent: Option<Parent>,
     ) -> Outcome {
         let snapshot = self.policies.current();
+        // Discovery's view of the destination now: endpoint changes reach open connections.
+        let discovered = call.discovered.as_ref().and_then(|t| t.current());
         let route: Arc<Route> = snapshot
             .routes
-            .route(Some(authority), call.orig_dst, &self.policies.scope)
+            .route_with(
+                Some(authority),
+                call.orig_dst,
+                &self.policies.scope,
+                discovered.as_ref().map(|d| &*d.authority),
+            )
             .clone();
+        // A policy's own endpoints win; else the service's endpoints; else the original
+        // destination.
+        let balancer = route
+            .balancer
+            .as_ref()
+            .or(discovered.as_ref().map(|d| &d.balancer));
         // Kept for the per-endpoint mutual-TLS decision (an Arc: no copy).
         let auto_mtls = self.pool.connector().has_identity();
         let policy = &route.policy;
@@ -329,12 +345,15 @@ impl Forwarder {
                 version: "1.1",
                 resend_count: attempts - 1,
             });
-            let (addr, in_flight) = match &route.balancer {
+            let (addr, in_flight) = match balancer {
                 Some(balancer) => match balancer.pick(&tried) {
                     Some(endpoint) => (endpoint.addr, Some(endpoint.start())),
                     None => {
                         let err = ProxyError::NoHealthyEndpoints {
-                            policy: route.name.clone(),
+                            policy: match (&route.balancer, &discovered) {
+                                (None, Some(d)) => d.authority.to_string(),
+                                _ => route.name.clone(),
+                            },
                             endpoints: balancer.endpoints().len(),
                         };
                         return done(Err(err), attempts, call.orig_dst, last_peer, span);
@@ -358,7 +377,7 @@ impl Forwarder {
             // Over mesh TLS every request rides the pooled HTTP/2 connection to the endpoint,
             // whatever the client spoke (the far side restores HTTP/1.1); protocol upgrades
             // need HTTP/1.1 end to end and get a connection of their own.
-            let mesh = snapshot.mtls_identity(&route, addr, auto_mtls);
+            let mesh = snapshot.mtls_identity_with(&route, addr, auto_mtls, discovered.as_deref());
             let mut parts = clone_parts(&call.parts);
             let mut upstream_version = call.version;
             if mesh.is_some() && !call.upgrade && call.version == HttpVersion::Http1 {

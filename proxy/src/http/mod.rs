@@ -51,6 +51,8 @@ pub struct ConnInfo {
     /// The `destination` metrics label for requests no policy names: the original destination
     /// address, formatted once per connection.
     pub destination: Arc<str>,
+    /// Outbound: what discovery knows about the original destination (a service's ClusterIP).
+    pub discovered: Option<Arc<crate::discovery::Target>>,
 }
 
 /// A mesh client verified at the handshake, with what every request needs from it prepared
@@ -86,6 +88,7 @@ impl ConnInfo {
             protocol,
             peer: None,
             destination,
+            discovered: None,
         }
     }
 }

@@ -143,19 +143,35 @@ impl RouteTable {
         orig_dst: SocketAddr,
         scope: &ClientScope,
     ) -> &Arc<Route> {
+        self.route_with(authority, orig_dst, scope, None)
+    }
+
+    /// [`RouteTable::route`] for a call whose original destination discovery resolved to a
+    /// service: a policy for the service's host (`service`, `name.ns.svc.<domain>:port`)
+    /// applies even when the client used the bare ClusterIP, after an address match and the
+    /// authority the client sent.
+    pub fn route_with(
+        &self,
+        authority: Option<&str>,
+        orig_dst: SocketAddr,
+        scope: &ClientScope,
+        service: Option<&str>,
+    ) -> &Arc<Route> {
         if let Some(route) = self.by_address.get(&orig_dst) {
             return route;
         }
-        if let Some(authority) = authority.filter(|_| !self.by_host.is_empty()) {
-            let (host, port) = split_authority(authority);
-            let port = port.unwrap_or(orig_dst.port());
-            let host = qualify(host, &scope.namespace, &scope.cluster_domain);
-            if let Some((_, _, route)) = self
-                .by_host
-                .iter()
-                .find(|(h, p, _)| *h == host && p.is_none_or(|p| p == port))
-            {
-                return route;
+        if !self.by_host.is_empty() {
+            for authority in [authority, service].into_iter().flatten() {
+                let (host, port) = split_authority(authority);
+                let port = port.unwrap_or(orig_dst.port());
+                let host = qualify(host, &scope.namespace, &scope.cluster_domain);
+                if let Some((_, _, route)) = self
+                    .by_host
+                    .iter()
+                    .find(|(h, p, _)| *h == host && p.is_none_or(|p| p == port))
+                {
+                    return route;
+                }
             }
         }
         self.namespace_default.as_ref().unwrap_or(&self.default)

@@ -45,11 +45,25 @@ impl Snapshot {
     /// policy's `tls` when it has one, else the control plane's knowledge of meshed pods (when
     /// `auto` — this proxy has an identity to present).
     pub fn mtls_identity(&self, route: &Route, addr: SocketAddr, auto: bool) -> Option<Arc<str>> {
+        self.mtls_identity_with(route, addr, auto, None)
+    }
+
+    /// [`Snapshot::mtls_identity`] for an endpoint discovery knows: automatic mutual TLS
+    /// expects the identity discovery names for it (its pod's service account).
+    pub fn mtls_identity_with(
+        &self,
+        route: &Route,
+        addr: SocketAddr,
+        auto: bool,
+        discovered: Option<&crate::discovery::Resolved>,
+    ) -> Option<Arc<str>> {
         let known = || {
-            self.meshed
-                .get(&addr.ip())
-                .filter(|peer| !peer.plaintext_ports.contains(&addr.port()))
-                .map(|peer| peer.identity.clone())
+            discovered.and_then(|d| d.identity(addr)).or_else(|| {
+                self.meshed
+                    .get(&addr.ip())
+                    .filter(|peer| !peer.plaintext_ports.contains(&addr.port()))
+                    .map(|peer| peer.identity.clone())
+            })
         };
         match (&route.policy.tls, &route.mtls_identity) {
             // `mode: mutual` without a serverIdentity: the pod's proven identity if known.

@@ -507,10 +507,22 @@ impl Pod {
     }
 
     pub fn admin_request(&self, method: &str, path: &str) -> (u16, String) {
+        self.local_request(4191, method, path)
+    }
+
+    /// The metrics of the control plane running in this pod (admin port 9990).
+    pub fn control_metrics(&self) -> Scrape {
+        let (status, body) = self.local_request(9990, "GET", "/metrics");
+        assert_eq!(status, 200, "GET /metrics on {}'s control plane", self.name);
+        Scrape::parse(&body)
+    }
+
+    /// An HTTP/1.0 request to 127.0.0.1:`port` inside this pod.
+    fn local_request(&self, port: u16, method: &str, path: &str) -> (u16, String) {
         let request =
             format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n");
         self.ns.enter(move || {
-            let addr: SocketAddr = ([127, 0, 0, 1], 4191).into();
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
             let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500))
             else {
                 return (0, String::new());

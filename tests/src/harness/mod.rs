@@ -21,9 +21,10 @@
 //! dropped, also when a test fails; namespaces left by a killed test run are swept at the next
 //! start. Traffic never leaves the machine: all addresses live inside the test's namespaces.
 
-mod apiserver;
+pub mod apiserver;
 mod bins;
 mod capture;
+mod cluster;
 mod control;
 mod mesh;
 mod metrics;
@@ -32,9 +33,10 @@ mod otlp;
 mod process;
 pub mod traced;
 
-pub use apiserver::FakeApiServer;
+pub use apiserver::{FakeApiServer, ServicePort, SliceEndpoint};
 pub use bins::{control_bin, proxy_bin, testapp_bin};
 pub use capture::{Capture, contains};
+pub use cluster::{CONTROL_VIP, Cluster, SERVICE_CIDR};
 pub use control::{ControlPlane, free_port};
 pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
 pub use metrics::{Scrape, check_with_prometheus_parser};

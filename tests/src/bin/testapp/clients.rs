@@ -219,6 +219,9 @@ pub(crate) struct LoadShape {
     pub concurrency: u64,
     pub fresh_connections: bool,
     pub distinct_paths: bool,
+    /// Each worker waits this long between its requests (0: none), so a run lasts about
+    /// requests × pace / concurrency.
+    pub pace: std::time::Duration,
 }
 
 pub(crate) async fn load(
@@ -233,6 +236,7 @@ pub(crate) async fn load(
         concurrency,
         fresh_connections,
         distinct_paths,
+        pace,
     } = shape;
     use std::sync::atomic::{AtomicU64, Ordering};
     let addr = format!(
@@ -270,6 +274,9 @@ pub(crate) async fn load(
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 if n >= requests {
                     break;
+                }
+                if !pace.is_zero() && n >= concurrency {
+                    tokio::time::sleep(pace).await;
                 }
                 if fresh_connections {
                     sender = None;

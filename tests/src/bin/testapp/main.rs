@@ -104,6 +104,9 @@ enum Cmd {
         /// Append the request's number to the URL's path (`/item/` → `/item/0`, `/item/1`, ...).
         #[arg(long)]
         distinct_paths: bool,
+        /// Milliseconds each connection waits between its requests.
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
     },
     /// Open a TCP connection: optionally read a banner first, send data, half-close, read to EOF.
     TcpCall {
@@ -164,12 +167,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             body_bytes,
             fresh_connections,
             distinct_paths,
+            pace_ms,
         } => {
             let shape = clients::LoadShape {
                 requests,
                 concurrency,
                 fresh_connections,
                 distinct_paths,
+                pace: std::time::Duration::from_millis(pace_ms),
             };
             clients::load(url, host, shape, method, body_bytes).await
         }
