@@ -43,6 +43,19 @@ fn converge(client: &Pod, pods: &[&Pod]) -> Duration {
     start.elapsed()
 }
 
+/// The `shop/web` service at [`WEB_VIP`]:80 with `n` meshed pods `web-1..n`, all ready, and a
+/// meshed client pod.
+fn web_service(cluster: &Cluster, n: usize) -> (Vec<Pod>, Pod) {
+    cluster.service("shop", "web", WEB_VIP, 80);
+    let pods: Vec<Pod> = (1..=n)
+        .map(|i| cluster.app_pod("shop", &format!("web-{i}"), "web", true))
+        .collect();
+    let names: Vec<String> = (1..=n).map(|i| format!("web-{i}")).collect();
+    let ready: Vec<(&str, bool)> = names.iter().map(|n| (n.as_str(), true)).collect();
+    cluster.api.set_service_endpoints("shop", "web", &ready);
+    (pods, cluster.client_pod("shop", "client", &[]))
+}
+
 /// Inbound requests each pod's sidecar has served.
 fn served(pods: &[&Pod]) -> Vec<f64> {
     pods.iter()
@@ -79,16 +92,7 @@ fn calls_to_a_cluster_ip_follow_a_rolling_update_without_a_failed_request() {
     let Some(cluster) = Cluster::new("discovery_rollout") else {
         return;
     };
-    cluster.service("shop", "web", WEB_VIP, 80);
-    let old: Vec<Pod> = (1..=3)
-        .map(|i| cluster.app_pod("shop", &format!("web-{i}"), "web", true))
-        .collect();
-    cluster.api.set_service_endpoints(
-        "shop",
-        "web",
-        &[("web-1", true), ("web-2", true), ("web-3", true)],
-    );
-    let client = cluster.client_pod("shop", "client", &[]);
+    let (old, client) = web_service(&cluster, 3);
 
     // The first call waits for discovery once; it must not go to the ClusterIP (nothing
     // listens there: there is no kube-proxy).
@@ -281,15 +285,10 @@ fn a_watch_that_expires_is_relisted_and_a_down_api_server_keeps_the_last_endpoin
     let Some(cluster) = Cluster::new("discovery_relist") else {
         return;
     };
-    cluster.service("shop", "web", WEB_VIP, 80);
-    let web1 = cluster.app_pod("shop", "web-1", "web", true);
-    let web2 = cluster.app_pod("shop", "web-2", "web", true);
-    cluster
-        .api
-        .set_service_endpoints("shop", "web", &[("web-1", true), ("web-2", true)]);
-    let client = cluster.client_pod("shop", "client", &[]);
+    let (web, client) = web_service(&cluster, 2);
+    let (web1, web2) = (&web[0], &web[1]);
     assert_eq!(client.curl(&[&format!("http://{WEB_VIP}/")]).status, 200);
-    converge(&client, &[&web1, &web2]);
+    converge(&client, &[web1, web2]);
 
     // The API server goes away; meanwhile web-1 leaves the service and the history the
     // control plane's watch would resume from is compacted.
@@ -321,7 +320,7 @@ fn a_watch_that_expires_is_relisted_and_a_down_api_server_keeps_the_last_endpoin
     cluster.api.set_down(false);
     // The watch resumes from a compacted resourceVersion: 410 Gone, relist, and the change
     // made while it was away arrives.
-    converge(&client, &[&web2]);
+    converge(&client, &[web2]);
     let m = cluster.control.control_metrics();
     assert!(
         m.sum(
@@ -340,15 +339,10 @@ fn proxies_move_to_the_other_replica_when_one_is_killed_under_load() {
     };
     cluster.add_replica("control-2");
     cluster.use_control_service();
-    cluster.service("shop", "web", WEB_VIP, 80);
-    let web1 = cluster.app_pod("shop", "web-1", "web", true);
-    let web2 = cluster.app_pod("shop", "web-2", "web", true);
-    cluster
-        .api
-        .set_service_endpoints("shop", "web", &[("web-1", true), ("web-2", true)]);
-    let client = cluster.client_pod("shop", "client", &[]);
+    let (web, client) = web_service(&cluster, 2);
+    let (web1, web2) = (&web[0], &web[1]);
     assert_eq!(client.curl(&[&format!("http://{WEB_VIP}/")]).status, 200);
-    converge(&client, &[&web1, &web2]);
+    converge(&client, &[web1, web2]);
     // Both replicas serve the same policy version: nothing is resent after a move.
     let version = |pod: &Pod| {
         let (_, body) = pod.admin_get("/config");
@@ -369,7 +363,7 @@ fn proxies_move_to_the_other_replica_when_one_is_killed_under_load() {
         "web",
         &[("web-1", true), ("web-2", true), ("web-3", true)],
     );
-    let took = converge(&client, &[&web1, &web2, &web3]);
+    let took = converge(&client, &[web1, web2, &web3]);
     let out = load.join().expect("load thread");
     eprintln!(
         "replica killed under load: {out}; web-3 reached the client {took:?} after its endpoint was written"
@@ -393,12 +387,7 @@ fn a_traffic_policy_resource_for_a_service_applies_to_calls_to_its_cluster_ip() 
     let Some(cluster) = Cluster::new("discovery_policy_cr") else {
         return;
     };
-    cluster.service("shop", "web", WEB_VIP, 80);
-    let _web = cluster.app_pod("shop", "web-1", "web", true);
-    cluster
-        .api
-        .set_service_endpoints("shop", "web", &[("web-1", true)]);
-    let client = cluster.client_pod("shop", "client", &[]);
+    let (_web, client) = web_service(&cluster, 1);
     // Without a policy the built-in default does not retry a 503.
     let rsp = client.curl(&[&format!("http://{WEB_VIP}/flaky?fail=1&key=before")]);
     assert_eq!(rsp.status, 503, "{rsp:?}");

@@ -2,16 +2,12 @@
 //! 127.0.0.1, no privileges needed): putting the mesh CA into the injector's
 //! MutatingWebhookConfiguration, without overwriting anyone else's change to it.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use http::Method;
 use serde_json::{Value, json};
-use trellis_control::kube::{
-    KubeCa, KubeClient, KubeConfig, KubeToken, keep_webhook_ca_bundle, patch_webhook_ca_bundle,
-};
-use trellis_tests::harness::FakeApiServer;
+use trellis_control::kube::{KubeClient, keep_webhook_ca_bundle, patch_webhook_ca_bundle};
+use trellis_tests::harness::apiserver::LocalApi;
 
 const CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nTUVTSCBDQQ==\n-----END CERTIFICATE-----\n";
 /// `base64 -w0` of [`CA_PEM`].
@@ -22,37 +18,22 @@ const CONFIGS: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconf
 
 /// A stand-in API server and a client holding the token it expects.
 struct Cluster {
-    api: FakeApiServer,
+    local: LocalApi,
     client: KubeClient,
-    token_file: PathBuf,
-    dir: PathBuf,
 }
 
 impl Cluster {
     fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("trellis-kube-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let api = FakeApiServer::start(&dir, HashMap::new(), OWN_TOKEN);
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, format!("{OWN_TOKEN}\n")).unwrap();
-        let client = KubeClient::new(KubeConfig {
-            url: api.url.clone(),
-            ca: KubeCa::File(api.ca_file.clone()),
-            token: Some(KubeToken::File(token_file.clone())),
-        })
-        .unwrap();
-        Self {
-            api,
-            client,
-            token_file,
-            dir,
-        }
+        let local = LocalApi::start(&format!("kube-{test}"), OWN_TOKEN);
+        let client = local.client();
+        Self { local, client }
     }
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+impl std::ops::Deref for Cluster {
+    type Target = LocalApi;
+    fn deref(&self) -> &LocalApi {
+        &self.local
     }
 }
 

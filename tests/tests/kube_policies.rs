@@ -4,8 +4,6 @@
 //! API server; every object's status says whether it is accepted and how many of this replica's
 //! proxies have acknowledged the version in force.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -14,46 +12,35 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_proto::pb::config_service_client::ConfigServiceClient;
 use trellis_proto::pb::{Ack, ProxyMessage, Subscribe, proxy_message};
-use trellis_tests::harness::{ControlPlane, FakeApiServer, wait_for};
+use trellis_tests::harness::apiserver::LocalApi;
+use trellis_tests::harness::{ControlPlane, wait_for};
 
 const TOKEN: &str = "control-plane-token";
 const API: &str = "/apis/trellis.dev/v1alpha1";
 
 /// The stand-in API server and a control plane (or two) in Kubernetes mode on it.
 struct Kube {
-    api: FakeApiServer,
-    dir: PathBuf,
-    token_file: PathBuf,
+    local: LocalApi,
+}
+
+impl std::ops::Deref for Kube {
+    type Target = LocalApi;
+    fn deref(&self) -> &LocalApi {
+        &self.local
+    }
 }
 
 impl Kube {
     fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("trellis-kp-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let api = FakeApiServer::start(&dir, HashMap::new(), TOKEN);
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, TOKEN).unwrap();
         Self {
-            api,
-            dir,
-            token_file,
+            local: LocalApi::start(&format!("kp-{test}"), TOKEN),
         }
     }
 
     fn control_plane(&self, name: &str) -> ControlPlane {
-        ControlPlane::start_with(
-            name,
-            &[
-                "--kubernetes",
-                "--kube-api-url",
-                &self.api.url,
-                "--kube-ca",
-                &self.api.ca_file.to_string_lossy(),
-                "--kube-token-file",
-                &self.token_file.to_string_lossy(),
-            ],
-        )
+        let flags = self.serve_flags();
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        ControlPlane::start_with(name, &flags)
     }
 
     /// Creates a policy object as kubectl would.
@@ -93,12 +80,6 @@ impl Kube {
             condition["message"].as_str()?.to_string(),
             report,
         ))
-    }
-}
-
-impl Drop for Kube {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

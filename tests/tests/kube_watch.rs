@@ -3,8 +3,6 @@
 //! server that goes away and comes back costs no update and no relist, and replicas starting
 //! together end up with one CA — also two real `serve --kubernetes`, one through a kubeconfig.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,39 +11,33 @@ use http::Method;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use trellis_control::admin::Metrics;
+use trellis_control::kube::KubeClient;
 use trellis_control::kube::ca_secret::load_or_create;
 use trellis_control::kube::watch::{self, Event, ObjectKey, Projection, Watched};
-use trellis_control::kube::{KubeCa, KubeClient, KubeConfig, KubeToken};
-use trellis_tests::harness::{ControlPlane, FakeApiServer, ServicePort, apiserver::service};
+use trellis_tests::harness::apiserver::{LocalApi, service};
+use trellis_tests::harness::{ControlPlane, FakeApiServer, ServicePort};
 
 const OWN_TOKEN: &str = "control-plane-own-token";
 const SERVICES: &str = "/api/v1/namespaces/shop/services";
 
 /// A stand-in API server and a client holding the token it expects.
 struct Cluster {
-    api: FakeApiServer,
+    local: LocalApi,
     client: Arc<KubeClient>,
-    dir: PathBuf,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = LocalApi;
+    fn deref(&self) -> &LocalApi {
+        &self.local
+    }
 }
 
 impl Cluster {
     fn new(test: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("trellis-watch-{test}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let api = FakeApiServer::start(&dir, HashMap::new(), OWN_TOKEN);
-        let token_file = dir.join("token");
-        std::fs::write(&token_file, format!("{OWN_TOKEN}\n")).unwrap();
-        let client = KubeClient::new(KubeConfig {
-            url: api.url.clone(),
-            ca: KubeCa::File(api.ca_file.clone()),
-            token: Some(KubeToken::File(token_file)),
-        })
-        .unwrap();
-        Self {
-            api,
-            client: Arc::new(client),
-            dir,
-        }
+        let local = LocalApi::start(&format!("watch-{test}"), OWN_TOKEN);
+        let client = Arc::new(local.client());
+        Self { local, client }
     }
 
     /// A reflector of the services in all namespaces, and where its events arrive.
@@ -57,12 +49,6 @@ impl Cluster {
         };
         watch::spawn(self.client.clone(), watched, metrics.clone(), tx);
         rx
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

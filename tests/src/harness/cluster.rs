@@ -99,38 +99,13 @@ impl Cluster {
         let old = self.replica(*target).ip;
         let new = self.replica(to).ip;
         for ns in namespaces.iter() {
-            for (op, ip) in [("-D", old), ("-I", new)] {
-                let mut args = vec![
-                    "netns",
-                    "exec",
-                    ns,
-                    "iptables-nft",
-                    "-t",
-                    "nat",
-                    op,
-                    "OUTPUT",
-                ];
-                if op == "-I" {
-                    args.push("1");
-                }
-                let dst = format!("{ip}:7443");
-                args.extend([
-                    "-d",
-                    CONTROL_VIP,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    "7443",
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &dst,
-                ]);
+            for rule in [dnat("-D", old), dnat("-I", new)] {
                 let out = std::process::Command::new("ip")
-                    .args(&args)
+                    .args(["netns", "exec", ns, "iptables-nft"])
+                    .args(&rule)
                     .output()
-                    .expect("ip");
-                assert!(out.status.success(), "{args:?}: {out:?}");
+                    .expect("ip netns exec");
+                assert!(out.status.success(), "{rule:?} in {ns}: {out:?}");
             }
         }
         *target = to;
@@ -153,28 +128,10 @@ impl Cluster {
         let issuer = self.replica(service.as_ref().map_or(0, |(t, _)| *t));
         let mut flags = issuer.mesh_flags(&self.mesh, &format!("{namespace}/{name}"), sa);
         if let Some((target, namespaces)) = service.as_mut() {
-            let dst = format!("{}:7443", self.replica(*target).ip);
             // Before `init`, so that it picks the same (nft) backend.
-            let out = pod.exec(
-                "iptables-nft",
-                &[
-                    "-t",
-                    "nat",
-                    "-I",
-                    "OUTPUT",
-                    "1",
-                    "-d",
-                    CONTROL_VIP,
-                    "-p",
-                    "tcp",
-                    "--dport",
-                    "7443",
-                    "-j",
-                    "DNAT",
-                    "--to-destination",
-                    &dst,
-                ],
-            );
+            let rule = dnat("-I", self.replica(*target).ip);
+            let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+            let out = pod.exec("iptables-nft", &rule);
             assert!(out.status.success(), "DNAT: {out:?}");
             namespaces.push(pod.netns().name().to_string());
             let url = flags
@@ -237,4 +194,29 @@ impl Cluster {
             ),
         );
     }
+}
+
+/// The iptables arguments that add (`-I`) or delete (`-D`) kube-proxy's translation of the
+/// control plane's Service address to replica `ip`.
+fn dnat(op: &str, ip: std::net::Ipv4Addr) -> Vec<String> {
+    let mut rule: Vec<String> = ["-t", "nat", op, "OUTPUT"].map(String::from).into();
+    if op == "-I" {
+        rule.push("1".into());
+    }
+    rule.extend(
+        [
+            "-d",
+            CONTROL_VIP,
+            "-p",
+            "tcp",
+            "--dport",
+            "7443",
+            "-j",
+            "DNAT",
+            "--to-destination",
+        ]
+        .map(String::from),
+    );
+    rule.push(format!("{ip}:7443"));
+    rule
 }

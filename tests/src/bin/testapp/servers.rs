@@ -241,7 +241,7 @@ async fn call(
     };
     let path = query
         .get("path")
-        .map(|p| percent_decode(p))
+        .map(|p| trellis_tests::query::percent_decode(p))
         .unwrap_or_else(|| "/".into());
     let forwarded: Vec<(&str, http::HeaderValue)> = TRACE_HEADERS
         .iter()
@@ -287,30 +287,6 @@ async fn call_downstream(
     let code = rsp.status();
     let body = rsp.into_body().collect().await?.to_bytes();
     Ok((code, body))
-}
-
-/// Decodes `%XX` escapes in a query value (a `path` with its own query string must be escaped).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn full(s: impl Into<Bytes>) -> Body {

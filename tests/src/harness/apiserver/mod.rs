@@ -433,3 +433,59 @@ fn refused(what: &str, path: &str, e: &ApiError) -> ! {
         e.message
     )
 }
+
+/// The stand-in on 127.0.0.1 for tests that need no pods: its own folder (removed on drop) and
+/// a file holding the bearer token it expects from the control plane.
+pub struct LocalApi {
+    pub api: FakeApiServer,
+    pub dir: std::path::PathBuf,
+    pub token_file: std::path::PathBuf,
+}
+
+impl LocalApi {
+    /// `test` names the folder; `caller_token` is what the control plane must present.
+    pub fn start(test: &str, caller_token: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("trellis-api-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the test's folder");
+        let api = FakeApiServer::start(&dir, HashMap::new(), caller_token);
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, format!("{caller_token}\n")).expect("write the token");
+        Self {
+            api,
+            dir,
+            token_file,
+        }
+    }
+
+    /// The control plane's client for this server, with the expected token.
+    pub fn client(&self) -> trellis_control::kube::KubeClient {
+        trellis_control::kube::KubeClient::new(trellis_control::kube::KubeConfig {
+            url: self.api.url.clone(),
+            ca: trellis_control::kube::KubeCa::File(self.api.ca_file.clone()),
+            token: Some(trellis_control::kube::KubeToken::File(
+                self.token_file.clone(),
+            )),
+        })
+        .expect("a client for the stand-in")
+    }
+
+    /// `serve --kubernetes` flags pointing at this server.
+    pub fn serve_flags(&self) -> Vec<String> {
+        vec![
+            "--kubernetes".into(),
+            "--kube-api-url".into(),
+            self.api.url.clone(),
+            "--kube-ca".into(),
+            self.api.ca_file.to_string_lossy().into_owned(),
+            "--kube-token-file".into(),
+            self.token_file.to_string_lossy().into_owned(),
+        ]
+    }
+}
+
+impl Drop for LocalApi {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

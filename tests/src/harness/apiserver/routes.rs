@@ -227,7 +227,7 @@ impl Query {
         let mut query = Query::default();
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value);
+            let value = crate::query::percent_decode(value);
             match key {
                 "watch" => query.watch = flag(key, &value)?,
                 "resourceVersion" => query.resource_version = value,
@@ -275,34 +275,6 @@ fn number(key: &str, value: &str) -> Result<u64, ApiError> {
     value.parse().map_err(|_| {
         ApiError::bad_request(format!("{key}={value:?}: expected a non-negative integer"))
     })
-}
-
-/// `%XX` escapes and `+` (a space) of a query value.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Opens a watch: 200 and a chunked stream of JSON lines. A resourceVersion older than the
