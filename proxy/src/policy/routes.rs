@@ -91,10 +91,14 @@ pub struct ClientScope {
     pub cluster_domain: String,
 }
 
+/// The policies for one qualified host, as (port, route) in policy order: the first whose port
+/// matches wins.
+type HostRoutes = Vec<(Option<u16>, Arc<Route>)>;
+
 /// The compiled lookup tables of one policy version.
 pub struct RouteTable {
     by_address: HashMap<SocketAddr, Arc<Route>>,
-    by_host: Vec<(String, Option<u16>, Arc<Route>)>,
+    by_host: HashMap<String, HostRoutes>,
     namespace_default: Option<Arc<Route>>,
     default: Arc<Route>,
 }
@@ -102,7 +106,7 @@ pub struct RouteTable {
 impl RouteTable {
     pub fn new(routes: Vec<Arc<Route>>, default: Arc<Route>, scope: &ClientScope) -> Self {
         let mut by_address = HashMap::new();
-        let mut by_host = Vec::new();
+        let mut by_host: HashMap<String, HostRoutes> = HashMap::new();
         let mut namespace_default = None;
         for route in routes {
             let p = &route.policy;
@@ -110,7 +114,7 @@ impl RouteTable {
             let host = dest
                 .host
                 .as_deref()
-                .map(|h| qualify(h, &p.namespace, &scope.cluster_domain));
+                .map(|h| qualify(h, &p.namespace, &scope.cluster_domain).into_owned());
             let in_scope = p.namespace == scope.namespace
                 || host.as_deref().is_some_and(|h| {
                     service_namespace(h, &scope.cluster_domain) == Some(p.namespace.as_str())
@@ -122,7 +126,10 @@ impl RouteTable {
                 by_address.entry(*addr).or_insert_with(|| route.clone());
             }
             if let Some(host) = host {
-                by_host.push((host, dest.port, route.clone()));
+                by_host
+                    .entry(host)
+                    .or_default()
+                    .push((dest.port, route.clone()));
             }
             if dest.host.is_none() && dest.addresses.is_empty() && p.namespace == scope.namespace {
                 namespace_default.get_or_insert(route.clone());
@@ -165,10 +172,10 @@ impl RouteTable {
                 let (host, port) = split_authority(authority);
                 let port = port.unwrap_or(orig_dst.port());
                 let host = qualify(host, &scope.namespace, &scope.cluster_domain);
-                if let Some((_, _, route)) = self
+                if let Some((_, route)) = self
                     .by_host
-                    .iter()
-                    .find(|(h, p, _)| *h == host && p.is_none_or(|p| p == port))
+                    .get(host.as_ref())
+                    .and_then(|routes| routes.iter().find(|(p, _)| p.is_none_or(|p| p == port)))
                 {
                     return route;
                 }
@@ -180,7 +187,7 @@ impl RouteTable {
     pub fn all(&self) -> impl Iterator<Item = &Arc<Route>> {
         self.by_address
             .values()
-            .chain(self.by_host.iter().map(|(_, _, r)| r))
+            .chain(self.by_host.values().flatten().map(|(_, r)| r))
             .chain(self.namespace_default.iter())
     }
 }
@@ -198,8 +205,25 @@ pub(crate) fn split_authority(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// Completes a Kubernetes short name against `namespace` and `cluster_domain`.
-pub fn qualify(host: &str, namespace: &str, cluster_domain: &str) -> String {
+/// Completes a Kubernetes short name against `namespace` and `cluster_domain`; a name already
+/// complete and lower-case (or an IP address) comes back borrowed, without an allocation.
+pub fn qualify<'a>(
+    host: &'a str,
+    namespace: &str,
+    cluster_domain: &str,
+) -> std::borrow::Cow<'a, str> {
+    let canonical = !host.ends_with('.') && !host.bytes().any(|b| b.is_ascii_uppercase());
+    if canonical
+        && (host.ends_with(cluster_domain)
+            && host[..host.len() - cluster_domain.len()].ends_with(".svc.")
+            || host.parse::<std::net::IpAddr>().is_ok())
+    {
+        return std::borrow::Cow::Borrowed(host);
+    }
+    std::borrow::Cow::Owned(qualify_owned(host, namespace, cluster_domain))
+}
+
+fn qualify_owned(host: &str, namespace: &str, cluster_domain: &str) -> String {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     if host.parse::<std::net::IpAddr>().is_ok() || host.ends_with(&format!(".svc.{cluster_domain}"))
     {
