@@ -153,17 +153,7 @@ fn table(n: usize, namespace_default: bool) -> RouteTable {
     let routes = set
         .traffic
         .into_iter()
-        .map(|p| {
-            Arc::new(Route {
-                name: format!("{}/{}", p.namespace, p.name),
-                policy: p,
-                budget: Arc::default(),
-                balancer: None,
-                builtin: false,
-                mtls_identity: None,
-                destination: None,
-            })
-        })
+        .map(|p| Arc::new(Route::new(p, Arc::default(), None)))
         .collect();
     RouteTable::new(
         routes,
@@ -187,28 +177,31 @@ fn policy_match(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("policy/route/{n}_policies"));
         // The ClusterIP of policy 0 with an authority that names another service: the address wins.
         let vip = cluster_ip(0);
-        assert_eq!(with_default.route(Some("svc-1"), vip, &s).name, name(0));
+        assert_eq!(
+            with_default.route(Some("svc-1"), vip, &s, None).name,
+            name(0)
+        );
         group.bench_function("address_match", |b| {
-            b.iter(|| with_default.route(black_box(Some("svc-1")), black_box(vip), &s))
+            b.iter(|| with_default.route(black_box(Some("svc-1")), black_box(vip), &s, None))
         });
         // A pod IP and a short name, qualified to `svc-i.default.svc.cluster.local`.
         assert_eq!(
-            with_default.route(Some(&last_short), pod, &s).name,
+            with_default.route(Some(&last_short), pod, &s, None).name,
             name(last_host)
         );
         group.bench_function("host_match_short_name_last_policy", |b| {
-            b.iter(|| with_default.route(black_box(Some(&last_short)), black_box(pod), &s))
+            b.iter(|| with_default.route(black_box(Some(&last_short)), black_box(pod), &s, None))
         });
         // The client sent an IP authority; discovery resolved the ClusterIP to the service.
         assert_eq!(
             with_default
-                .route_with(Some("10.1.0.5:8080"), pod, &s, Some(&last_service))
+                .route(Some("10.1.0.5:8080"), pod, &s, Some(&last_service))
                 .name,
             name(last_host)
         );
-        group.bench_function("host_match_via_service_route_with", |b| {
+        group.bench_function("host_match_via_discovered_service", |b| {
             b.iter(|| {
-                with_default.route_with(
+                with_default.route(
                     black_box(Some("10.1.0.5:8080")),
                     black_box(pod),
                     &s,
@@ -218,19 +211,23 @@ fn policy_match(c: &mut Criterion) {
         });
         // No address or host matches: the namespace's default policy.
         assert_eq!(
-            with_default.route(Some("unknown:8080"), pod, &s).name,
+            with_default.route(Some("unknown:8080"), pod, &s, None).name,
             name(n - 1)
         );
         group.bench_function("namespace_default", |b| {
-            b.iter(|| with_default.route(black_box(Some("unknown:8080")), black_box(pod), &s))
+            b.iter(|| with_default.route(black_box(Some("unknown:8080")), black_box(pod), &s, None))
         });
         // Nothing matches and there is no namespace default: the built-in default.
         assert_eq!(
-            without_default.route(Some("unknown:8080"), pod, &s).name,
+            without_default
+                .route(Some("unknown:8080"), pod, &s, None)
+                .name,
             "default"
         );
         group.bench_function("miss_builtin_default", |b| {
-            b.iter(|| without_default.route(black_box(Some("unknown:8080")), black_box(pod), &s))
+            b.iter(|| {
+                without_default.route(black_box(Some("unknown:8080")), black_box(pod), &s, None)
+            })
         });
         group.finish();
     }

@@ -148,7 +148,7 @@ impl Listener {
             (Direction::outbound, Ok(dst)) => Some(
                 snapshot
                     .routes
-                    .route_with(
+                    .route(
                         None,
                         *dst,
                         &self.policies.scope,

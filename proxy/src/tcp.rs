@@ -138,7 +138,7 @@ async fn connect(
         };
         tried.push(addr);
         let identity = match &target.snapshot {
-            Some(s) => s.mtls_identity_with(route, addr, connector.has_identity(), discovered),
+            Some(s) => s.mtls_identity(route, addr, connector.has_identity(), discovered),
             None => route.mtls_identity.clone(),
         };
         let endpoint = Endpoint { addr, identity };

@@ -3,6 +3,7 @@
 //! code of the small gRPC service the test app serves.
 
 pub mod harness;
+pub mod procfs;
 
 /// Query strings, for the test app and the stand-in API server.
 pub mod query {

@@ -159,15 +159,11 @@ impl Discovery {
         Some(Arc::new(d))
     }
 
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.destinations
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -234,12 +230,6 @@ impl Discovery {
         if *n == 0 {
             interest.remove(&ip);
         }
-    }
-
-    /// Test and benchmark entry: put `index`'s pending changes in force and mark synced.
-    pub fn publish_index(&self, index: &mut Index) {
-        self.publish(index);
-        self.synced.send_replace(true);
     }
 }
 

@@ -287,7 +287,7 @@ impl Forwarder {
         let discovered = call.discovered.as_ref().and_then(|t| t.current());
         let route: Arc<Route> = snapshot
             .routes
-            .route_with(
+            .route(
                 Some(authority),
                 call.orig_dst,
                 &self.policies.scope,
@@ -377,7 +377,7 @@ impl Forwarder {
             // Over mesh TLS every request rides the pooled HTTP/2 connection to the endpoint,
             // whatever the client spoke (the far side restores HTTP/1.1); protocol upgrades
             // need HTTP/1.1 end to end and get a connection of their own.
-            let mesh = snapshot.mtls_identity_with(&route, addr, auto_mtls, discovered.as_deref());
+            let mesh = snapshot.mtls_identity(&route, addr, auto_mtls, discovered.as_deref());
             let mut parts = clone_parts(&call.parts);
             let mut upstream_version = call.version;
             if mesh.is_some() && !call.upgrade && call.version == HttpVersion::Http1 {

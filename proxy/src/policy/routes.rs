@@ -38,9 +38,23 @@ pub struct Route {
 }
 
 impl Route {
-    /// The mutual TLS identity a policy asks for.
+    /// The route of a TrafficPolicy, with its retry budget and (when it lists endpoints) its
+    /// balancer.
+    pub fn new(policy: TrafficPolicy, budget: Arc<Budget>, balancer: Option<Balancer>) -> Self {
+        let name = format!("{}/{}", policy.namespace, policy.name);
+        Self {
+            destination: Self::destination_of(&name, &policy),
+            mtls_identity: Self::mtls_identity_of(&policy),
+            name,
+            policy,
+            budget,
+            balancer,
+            builtin: false,
+        }
+    }
+
     /// The `destination` label a policy's calls carry (see [`Route::destination`]).
-    pub fn destination_of(name: &str, policy: &TrafficPolicy) -> Option<Arc<str>> {
+    fn destination_of(name: &str, policy: &TrafficPolicy) -> Option<Arc<str>> {
         let d = &policy.destination;
         match (&d.host, d.port) {
             (Some(host), Some(port)) => Some(Arc::from(format!("{host}:{port}"))),
@@ -50,7 +64,8 @@ impl Route {
         }
     }
 
-    pub fn mtls_identity_of(policy: &TrafficPolicy) -> Option<Arc<str>> {
+    /// The mutual TLS identity a policy asks for.
+    fn mtls_identity_of(policy: &TrafficPolicy) -> Option<Arc<str>> {
         let tls = policy.tls.as_ref().filter(|t| t.mode == TlsMode::Mutual)?;
         Some(Arc::from(
             tls.server_identity
@@ -143,21 +158,11 @@ impl RouteTable {
         }
     }
 
-    /// The route for a call to `orig_dst` with HTTP `authority` (none for opaque TCP).
+    /// The route for a call to `orig_dst` with HTTP `authority` (none for opaque TCP). When
+    /// discovery resolved the original destination to a service (`service`,
+    /// `name.ns.svc.<domain>:port`), a policy for the service's host applies even when the
+    /// client used the bare ClusterIP — after an address match and the authority it sent.
     pub fn route(
-        &self,
-        authority: Option<&str>,
-        orig_dst: SocketAddr,
-        scope: &ClientScope,
-    ) -> &Arc<Route> {
-        self.route_with(authority, orig_dst, scope, None)
-    }
-
-    /// [`RouteTable::route`] for a call whose original destination discovery resolved to a
-    /// service: a policy for the service's host (`service`, `name.ns.svc.<domain>:port`)
-    /// applies even when the client used the bare ClusterIP, after an address match and the
-    /// authority the client sent.
-    pub fn route_with(
         &self,
         authority: Option<&str>,
         orig_dst: SocketAddr,
@@ -260,17 +265,7 @@ mod tests {
         let routes = set
             .traffic
             .into_iter()
-            .map(|p| {
-                Arc::new(Route {
-                    name: format!("{}/{}", p.namespace, p.name),
-                    policy: p,
-                    budget: Arc::default(),
-                    balancer: None,
-                    builtin: false,
-                    mtls_identity: None,
-                    destination: None,
-                })
-            })
+            .map(|p| Arc::new(Route::new(p, Arc::default(), None)))
             .collect();
         RouteTable::new(
             routes,
@@ -334,28 +329,28 @@ spec: {destination: {host: cart}}
         let vip: SocketAddr = "10.96.0.12:9080".parse().unwrap();
         let pod: SocketAddr = "10.1.0.5:9080".parse().unwrap();
         assert_eq!(
-            t.route(Some("reviews:9080"), vip, &s).name,
+            t.route(Some("reviews:9080"), vip, &s, None).name,
             "default/by-address"
         );
         assert_eq!(
-            t.route(Some("reviews:9080"), pod, &s).name,
+            t.route(Some("reviews:9080"), pod, &s, None).name,
             "default/by-host"
         );
         assert_eq!(
-            t.route(Some("reviews.default:9080"), pod, &s).name,
+            t.route(Some("reviews.default:9080"), pod, &s, None).name,
             "default/by-host"
         );
         assert_eq!(
-            t.route(Some("reviews"), pod, &s).name,
+            t.route(Some("reviews"), pod, &s, None).name,
             "default/by-host",
             "port from the original destination"
         );
         assert_eq!(
-            t.route(Some("reviews:8080"), pod, &s).name,
+            t.route(Some("reviews:8080"), pod, &s, None).name,
             "default/ns-default",
             "port must match"
         );
-        assert_eq!(t.route(None, pod, &s).name, "default/ns-default");
+        assert_eq!(t.route(None, pod, &s, None).name, "default/ns-default");
     }
 
     #[test]
@@ -365,10 +360,10 @@ spec: {destination: {host: cart}}
         let pod: SocketAddr = "10.1.0.9:80".parse().unwrap();
         // shop's policy for a host in default is for shop's clients only.
         assert_eq!(
-            t.route(Some("payments.default"), pod, &s).name,
+            t.route(Some("payments.default"), pod, &s, None).name,
             "default/ns-default"
         );
         // shop's policy for its own service applies to clients everywhere.
-        assert_eq!(t.route(Some("cart.shop"), pod, &s).name, "shop/cart");
+        assert_eq!(t.route(Some("cart.shop"), pod, &s, None).name, "shop/cart");
     }
 }

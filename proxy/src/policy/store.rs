@@ -44,13 +44,9 @@ impl Snapshot {
     /// The identity a call on `route` to `addr` must reach, if it goes over mutual TLS: the
     /// policy's `tls` when it has one, else the control plane's knowledge of meshed pods (when
     /// `auto` — this proxy has an identity to present).
-    pub fn mtls_identity(&self, route: &Route, addr: SocketAddr, auto: bool) -> Option<Arc<str>> {
-        self.mtls_identity_with(route, addr, auto, None)
-    }
-
-    /// [`Snapshot::mtls_identity`] for an endpoint discovery knows: automatic mutual TLS
-    /// expects the identity discovery names for it (its pod's service account).
-    pub fn mtls_identity_with(
+    /// For an endpoint discovery knows (`discovered`), automatic mutual TLS expects the
+    /// identity discovery names for it (its pod's service account).
+    pub fn mtls_identity(
         &self,
         route: &Route,
         addr: SocketAddr,
@@ -142,15 +138,7 @@ impl PolicyStore {
                 all_endpoints.extend_from_slice(&p.destination.endpoints);
                 let balancer = (!p.destination.endpoints.is_empty())
                     .then(|| Balancer::new(&p.destination.endpoints, &self.endpoints));
-                Arc::new(Route {
-                    destination: Route::destination_of(&name, p),
-                    name,
-                    mtls_identity: Route::mtls_identity_of(p),
-                    policy: p.clone(),
-                    budget,
-                    balancer,
-                    builtin: false,
-                })
+                Arc::new(Route::new(p.clone(), budget, balancer))
             })
             .collect();
         *budgets = keep_budgets;
@@ -261,8 +249,8 @@ mod tests {
         let s = store.current();
         let id = |addr: &str, auto| {
             let addr: SocketAddr = addr.parse().unwrap();
-            let route = s.routes.route(None, addr, &store.scope).clone();
-            s.mtls_identity(&route, addr, auto)
+            let route = s.routes.route(None, addr, &store.scope, None).clone();
+            s.mtls_identity(&route, addr, auto, None)
         };
         assert_eq!(id("10.0.0.1:80", true), Some(web.clone()), "meshed pod");
         assert_eq!(id("10.0.0.1:80", false), None, "this proxy has no identity");
@@ -300,7 +288,7 @@ mod tests {
             "10.0.0.2:80".parse().unwrap(),
         );
         let s = store.current();
-        let default = s.routes.route(None, a, &store.scope).clone();
+        let default = s.routes.route(None, a, &store.scope, None).clone();
         assert!(default.builtin);
         // A failing destination spends its own budget only.
         let budget_a = store.budget_for(&default, a);
@@ -314,7 +302,7 @@ mod tests {
             "another destination still has retries"
         );
         assert!(Arc::ptr_eq(&budget_a, &store.budget_for(&default, a)));
-        let web = s.routes.route(Some("web"), a, &store.scope).clone();
+        let web = s.routes.route(Some("web"), a, &store.scope, None).clone();
         assert!(
             Arc::ptr_eq(&store.budget_for(&web, a), &store.budget_for(&web, b)),
             "a policy's budget is shared by its calls"

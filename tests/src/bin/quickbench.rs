@@ -123,16 +123,15 @@ fn telemetry(mesh: &Mesh, secs: u32) {
 /// wrk from `client` to `server`'s app through both sidecars; throughput, latency, CPU per
 /// request of each proxy, and their RSS afterwards.
 fn measure(label: &str, client: &Pod, server: &Pod, secs: u32) {
-    let cpu_before = (cpu_ticks(client), cpu_ticks(server));
+    let cpu_before = (cpu_time(client), cpu_time(server));
     let result = wrk(client, &server.url(8080, "/"), secs);
-    let cpu_after = (cpu_ticks(client), cpu_ticks(server));
+    let cpu_after = (cpu_time(client), cpu_time(server));
     println!("{label}: {result}");
-    let ticks = procfs_ticks_per_second();
     let requests = result.requests.max(1.0);
     println!(
         "  CPU per request: client proxy {:.1} µs, server proxy {:.1} µs",
-        (cpu_after.0 - cpu_before.0) as f64 / ticks * 1e6 / requests,
-        (cpu_after.1 - cpu_before.1) as f64 / ticks * 1e6 / requests,
+        (cpu_after.0 - cpu_before.0).as_secs_f64() * 1e6 / requests,
+        (cpu_after.1 - cpu_before.1).as_secs_f64() * 1e6 / requests,
     );
     println!(
         "  RSS after load: client proxy {} kB, server proxy {} kB",
@@ -203,25 +202,7 @@ fn wrk(pod: &Pod, url: &str, secs: u32) -> WrkResult {
     }
 }
 
-/// utime + stime of the pod's proxy, in clock ticks.
-fn cpu_ticks(pod: &Pod) -> u64 {
-    let pid = pod.proxy_pid();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // Fields 14 and 15 of /proc/PID/stat; after the comm field they are at index 11 and 12.
-    fields
-        .get(11)
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-}
-
-fn procfs_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+/// utime + stime of the pod's proxy.
+fn cpu_time(pod: &Pod) -> std::time::Duration {
+    trellis_tests::procfs::cpu_time(pod.proxy_pid()).unwrap_or_default()
 }

@@ -62,15 +62,7 @@ impl Cluster {
     }
 
     fn kube_flags(&self) -> Vec<String> {
-        vec![
-            "--kubernetes".into(),
-            "--kube-api-url".into(),
-            self.api.url.clone(),
-            "--kube-ca".into(),
-            self.api.ca_file.to_string_lossy().into_owned(),
-            "--kube-token-file".into(),
-            self.token_file.to_string_lossy().into_owned(),
-        ]
+        self.api.serve_flags(&self.token_file)
     }
 
     /// Another control-plane replica in a pod of its own, on the same API server.

@@ -91,12 +91,7 @@ impl Proc {
 
     /// A `/proc/PID/status` field in kB (e.g. `VmRSS`, `VmHWM`).
     pub fn status_kb(&self, field: &str) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with(&format!("{field}:")))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
+        crate::procfs::status_kb(self.child.id(), field)
     }
 }
 

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use trellis_tests::harness::{CONTROL_IDENTITY, FakeApiServer, Scrape, control_bin, free_port};
+use trellis_tests::procfs;
 
 use crate::TOKEN;
 
@@ -198,35 +199,13 @@ impl Drop for ControlProcess {
 
 /// VmRSS and VmHWM from /proc/PID/status, utime + stime from /proc/PID/stat.
 fn proc_stats(pid: u32) -> Result<ProcStats, String> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
     let kb = |field: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .ok_or_else(|| format!("/proc/{pid}/status has no {field}"))
+        procfs::status_kb(pid, field).ok_or_else(|| format!("/proc/{pid}/status: no {field}"))
     };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map_err(|e| format!("/proc/{pid}/stat: {e}"))?;
-    // Fields after the command name (which may hold spaces): state is field 3, utime 14,
-    // stime 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| format!("/proc/{pid}/stat: no command name"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .ok_or_else(|| format!("/proc/{pid}/stat: field {} is not a number", i + 3))
-    };
-    let ticks = ticks(11)? + ticks(12)?;
     Ok(ProcStats {
-        rss_kb: kb("VmRSS:")?,
-        hwm_kb: kb("VmHWM:")?,
-        cpu: Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second()),
+        rss_kb: kb("VmRSS")?,
+        hwm_kb: kb("VmHWM")?,
+        cpu: procfs::cpu_time(pid).ok_or_else(|| format!("/proc/{pid}/stat: unreadable"))?,
         on_cpu: on_cpu(pid)?,
     })
 }
@@ -241,10 +220,4 @@ fn on_cpu(pid: u32) -> Result<Duration, String> {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
     Ok(Duration::from_nanos(ns))
-}
-
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf reads a constant of the system; no memory is passed.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if hz > 0 { hz as f64 } else { 100.0 }
 }

@@ -4,26 +4,14 @@
 
 use std::time::Duration;
 
-/// utime + stime of process `pid` (all its threads).
+/// utime + stime of process `pid` (all its threads); zero once it is gone.
 pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may contain spaces: fields are counted after its closing parenthesis.
-    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok());
-    let ticks = field(11).unwrap_or(0) + field(12).unwrap_or(0);
-    ticks_to_duration(ticks)
+    trellis_tests::procfs::cpu_time(pid).unwrap_or_default()
 }
 
 /// A `/proc/PID/status` field in kB (`VmRSS`, `VmHWM`), 0 if the process is gone.
 pub fn status_kb(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(&format!("{field}:")))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+    trellis_tests::procfs::status_kb(pid, field).unwrap_or(0)
 }
 
 /// CPU time the whole machine spent not idle (all CPUs), from the `cpu` line of `/proc/stat`:
@@ -47,7 +35,10 @@ pub fn machine_busy() -> (Duration, Duration) {
         .map(|(_, x)| x)
         .sum();
     let softirq = v.get(6).copied().unwrap_or(0);
-    (ticks_to_duration(busy), ticks_to_duration(softirq))
+    (
+        trellis_tests::procfs::ticks(busy),
+        trellis_tests::procfs::ticks(softirq),
+    )
 }
 
 /// CPU used by this process and by the children it has waited for (the load generators run as
@@ -87,13 +78,6 @@ pub fn pin_self(cpu: usize) -> Result<(), String> {
 /// How many CPUs this machine has online.
 pub fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn ticks_to_duration(ticks: u64) -> Duration {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as u64 } else { 100 };
-    Duration::from_nanos(ticks * 1_000_000_000 / hz)
 }
 
 /// Raises this process's open-files soft limit to its hard limit (20,000 on these machines):

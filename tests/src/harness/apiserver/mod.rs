@@ -434,6 +434,22 @@ fn refused(what: &str, path: &str, e: &ApiError) -> ! {
     )
 }
 
+impl FakeApiServer {
+    /// `trellis-control serve --kubernetes` flags pointing at this server, with the caller's
+    /// token read from `token_file`.
+    pub fn serve_flags(&self, token_file: &std::path::Path) -> Vec<String> {
+        vec![
+            "--kubernetes".into(),
+            "--kube-api-url".into(),
+            self.url.clone(),
+            "--kube-ca".into(),
+            self.ca_file.to_string_lossy().into_owned(),
+            "--kube-token-file".into(),
+            token_file.to_string_lossy().into_owned(),
+        ]
+    }
+}
+
 /// The stand-in on 127.0.0.1 for tests that need no pods: its own folder (removed on drop) and
 /// a file holding the bearer token it expects from the control plane.
 pub struct LocalApi {
@@ -472,15 +488,7 @@ impl LocalApi {
 
     /// `serve --kubernetes` flags pointing at this server.
     pub fn serve_flags(&self) -> Vec<String> {
-        vec![
-            "--kubernetes".into(),
-            "--kube-api-url".into(),
-            self.api.url.clone(),
-            "--kube-ca".into(),
-            self.api.ca_file.to_string_lossy().into_owned(),
-            "--kube-token-file".into(),
-            self.token_file.to_string_lossy().into_owned(),
-        ]
+        self.api.serve_flags(&self.token_file)
     }
 }
 
