@@ -48,6 +48,11 @@ impl<T: AsyncRead> AsyncRead for PrefixedIo<T> {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
             this.prefix.advance(n);
+            if !this.prefix.has_remaining() {
+                // `advance` keeps the detection buffer alive; a connection that then idles
+                // for hours should not hold its first read's allocation.
+                *this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         this.io.poll_read(cx, buf)

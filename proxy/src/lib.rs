@@ -5,7 +5,8 @@
 //! - [`listener`]: accepts a redirected connection, recovers its original destination
 //!   ([`orig_dst`]), refuses loops, and hands it to [`detect`].
 //! - [`detect`]: HTTP/1, HTTP/2 or opaque TCP, from the first bytes or a short timeout.
-//! - [`http`]: HTTP/1.1, HTTP/2 and gRPC proxying through hyper; [`tcp`]: opaque byte copy.
+//! - [`http`]: HTTP/1.1, HTTP/2 and gRPC proxying through hyper; [`tcp`]: opaque forwarding,
+//!   [`copy`]: its byte copy, which holds no buffer while idle.
 //! - [`discovery`]: a ClusterIP's endpoints and their identities, from the control plane.
 //! - [`policy`]: the TrafficPolicy that applies to an outbound call; [`retry`], [`replay`] and
 //!   [`balance`]: retries within a budget, replayable bodies, endpoint choice and ejection.
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod balance;
 pub mod cli;
+pub mod copy;
 pub mod detect;
 pub mod discovery;
 pub mod drain;

@@ -83,7 +83,7 @@ pub async fn forward<I: Io>(
         }
     };
     let result = tokio::select! {
-        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => result.map_err(|e| (None, e)),
+        result = crate::copy::bidirectional(&mut client, &mut upstream) => result.map_err(|e| (None, e)),
         _ = activity.expired(target.idle_timeout) => {
             connector.metrics().error(direction, "idle-timeout");
             Err((Some("idle-timeout"), std::io::Error::new(

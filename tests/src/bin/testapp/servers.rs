@@ -400,6 +400,9 @@ pub(crate) async fn serve_tcp(
     let listener = TcpListener::bind(listen).await?;
     loop {
         let (mut stream, _) = listener.accept().await?;
+        // Like request/response servers (databases, brokers) do: without it, an echo written
+        // in two pieces waits for the peer's delayed ACK (Nagle), ~40 ms per round trip.
+        stream.set_nodelay(true)?;
         let banner = banner.clone();
         tokio::spawn(async move {
             if let Some(b) = banner
