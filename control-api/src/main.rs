@@ -19,7 +19,7 @@ use trellis_control::inject::{self, InjectConfig};
 use trellis_control::kube::config::{self as kube_config, KubeFlags};
 use trellis_control::kube::{KubeClient, KubeConfig, ca_secret, keep_webhook_ca_bundle};
 use trellis_control::server::{
-    ConfigServer, Hub, IdentityServer, PolicyServer, TokenServer, admin_only,
+    ConfigServer, GrpcOnly, Hub, IdentityServer, PolicyServer, TokenServer, admin_only,
 };
 use trellis_control::store::Store;
 use trellis_control::webhook::Webhook;
@@ -376,7 +376,7 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {admin_addr} (admin): {e}"))?;
     // In Kubernetes the policy resources are the store; the state dir (an emptyDir) is not.
     let stored = if args.kubernetes {
-        std::fs::create_dir_all(state_dir)
+        trellis_control::store::private_dir(state_dir)
             .map_err(|e| format!("--state-dir {}: {e}", state_dir.display()))?;
         None
     } else {
@@ -467,13 +467,16 @@ async fn serve(args: ServeArgs) -> Result<(), String> {
         TokenServer::new(authority.clone()),
         admin_only(authority.clone(), "TokenService"),
     );
+    // Every service refuses what is not gRPC (see `server::GrpcOnly`).
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .add_service(policy)
-        .add_service(tokens)
-        .add_service(IdentityServiceServer::new(IdentityServer::new(authority)))
-        .add_service(ConfigServiceServer::new(ConfigServer::new(hub)))
-        .add_optional_service(discovery)
+        .add_service(GrpcOnly(policy))
+        .add_service(GrpcOnly(tokens))
+        .add_service(GrpcOnly(IdentityServiceServer::new(IdentityServer::new(
+            authority,
+        ))))
+        .add_service(GrpcOnly(ConfigServiceServer::new(ConfigServer::new(hub))))
+        .add_optional_service(discovery.map(GrpcOnly))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| format!("gRPC server failed: {e}"))

@@ -1,4 +1,6 @@
-//! Policies and their version, kept in `--state-dir/state.json`.
+//! Policies and their version, kept in `--state-dir/state.json`; and the state dir itself,
+//! which also holds the CA key and the admin credential, so it is private to the control
+//! plane's user ([`private_dir`], 0700).
 //!
 //! A change is written to a temporary file, fsynced, renamed over the old file and the directory
 //! fsynced; only then is it put in force in memory. A write that fails (disk full, read-only,
@@ -102,7 +104,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the state directory and reads the state it holds.
     pub fn open(dir: &Path) -> Result<(Self, State), StoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Write {
+        private_dir(dir).map_err(|source| StoreError::Write {
             path: dir.to_path_buf(),
             source,
         })?;
@@ -142,6 +144,51 @@ impl Store {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// Creates `dir` (and missing parents) readable by this user only (0700), whatever the umask;
+/// an existing dir open to others is narrowed to 0700. When that is not allowed (a volume owned
+/// by another user, e.g. a Kubernetes emptyDir), it says so and goes on: the secrets in it are
+/// 0600 files in any case.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        match std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            Ok(()) => {
+                tracing::info!(dir = %dir.display(), was = %format!("{mode:o}"), "state dir narrowed to 0700: it holds the CA key and the admin credential")
+            }
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), mode = %format!("{mode:o}"), error = %e, "the state dir is open to other users and cannot be narrowed to 0700; its secrets are 0600 files")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Narrows an existing secret file (a key, a token) that others may read to 0600, saying so: a
+/// file left 0644 by an operator or an older version is not left readable.
+pub fn private_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return;
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Ok(()) => {
+            tracing::warn!(path = %path.display(), was = %format!("{mode:o}"), "a secret file was readable by others: narrowed to 0600")
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), mode = %format!("{mode:o}"), error = %e, "a secret file is readable by others and cannot be narrowed to 0600")
+        }
     }
 }
 

@@ -4,8 +4,11 @@
 //!
 //! A workload certificate's only SAN is its SPIFFE URI, and that identity is always the one the
 //! caller *proved* (a token or a current certificate): the CSR contributes its public key and
-//! nothing else. The certificate is valid for both TLS server and client authentication, and
-//! starts one minute in the past to tolerate clock skew between nodes.
+//! nothing else. A CSR that asks for more — another identity, a DNS name, an IP, a CA — is
+//! refused with the reason rather than quietly narrowed, so a confused or hostile caller learns
+//! that its request was wrong; so is one whose signature does not verify. The certificate is
+//! valid for both TLS server and client authentication, and starts one minute in the past to
+//! tolerate clock skew between nodes.
 
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
@@ -136,9 +139,10 @@ impl Ca {
     }
 
     /// Signs the public key of `csr_pem` for `id`, valid `ttl` (capped at the CA's own expiry).
+    /// The CSR must be signed by its own key and ask for nothing but `id` (or for no SAN).
     pub fn sign_csr(&self, csr_pem: &str, id: &SpiffeId, ttl: Duration) -> Result<Issued, CaError> {
-        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| CaError::BadCsr(e.to_string()))?;
+        let csr = parse_csr(csr_pem)?;
+        check_csr_asks_only_for(&csr.params, id)?;
         let params = self.leaf_params(id, ttl, &[], &[])?;
         let not_after = to_system(params.not_after);
         let cert = params
@@ -208,6 +212,64 @@ impl Ca {
         params.not_after = (now + ttl).min(ca_end);
         Ok(params)
     }
+}
+
+/// Parses a PEM CSR and verifies its signature, saying in words what is wrong with a bad one.
+fn parse_csr(pem: &str) -> Result<CertificateSigningRequestParams, CaError> {
+    if !pem.contains("-----BEGIN CERTIFICATE REQUEST-----")
+        && !pem.contains("-----BEGIN NEW CERTIFICATE REQUEST-----")
+    {
+        return Err(CaError::BadCsr(
+            "it is not a PEM certificate request (expected -----BEGIN CERTIFICATE REQUEST-----)"
+                .into(),
+        ));
+    }
+    CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
+        CaError::BadCsr(match e {
+            rcgen::Error::InvalidCertificationRequestSignature => {
+                "its signature does not verify with the public key it carries (tampered with, or signed with another key)".into()
+            }
+            rcgen::Error::CouldNotParseCertificationRequest => {
+                "it cannot be parsed as a PKCS#10 certificate request".into()
+            }
+            rcgen::Error::UnsupportedExtension => {
+                "it requests an extension a workload certificate cannot carry (only subjectAltName, keyUsage, extendedKeyUsage and basicConstraints are understood)".into()
+            }
+            rcgen::Error::UnsupportedSignatureAlgorithm => {
+                "its key or signature algorithm is not supported (use ECDSA P-256/P-384, Ed25519 or RSA)".into()
+            }
+            other => other.to_string(),
+        })
+    })
+}
+
+/// Refuses a CSR that asks for anything a certificate for `id` will not hold.
+fn check_csr_asks_only_for(csr: &CertificateParams, id: &SpiffeId) -> Result<(), CaError> {
+    let wanted = id.to_string();
+    let extra: Vec<String> = csr
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(uri) if uri.as_str() == wanted => None,
+            SanType::URI(uri) => Some(format!("URI {}", uri.as_str())),
+            SanType::DnsName(name) => Some(format!("DNS name {}", name.as_str())),
+            SanType::IpAddress(ip) => Some(format!("IP address {ip}")),
+            SanType::Rfc822Name(mail) => Some(format!("email {}", mail.as_str())),
+            _ => Some("another kind of name".to_string()),
+        })
+        .collect();
+    if !extra.is_empty() {
+        return Err(CaError::BadCsr(format!(
+            "it asks for {}, but the caller proved {wanted} and a workload certificate names only that",
+            extra.join(", ")
+        )));
+    }
+    if matches!(csr.is_ca, IsCa::Ca(_)) {
+        return Err(CaError::BadCsr(
+            "it asks to be a CA (basicConstraints CA:TRUE); workload certificates never are".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// A fresh key (ECDSA P-256, never written anywhere) and a CSR for `id`, both PEM: what a
@@ -286,37 +348,89 @@ mod tests {
     use super::*;
     use crate::tls::CertInfo;
 
+    /// A CSR (PEM) signed by `key` asking for `sans` (and to be a CA when `ca`).
+    fn csr(key: &KeyPair, sans: Vec<SanType>, ca: bool) -> String {
+        let mut req = CertificateParams::default();
+        req.subject_alt_names = sans;
+        if ca {
+            req.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        req.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
     #[test]
     fn signs_csrs_for_the_proven_identity_only() {
         let (ca, cert_pem, key_pem) = Ca::generate("cluster.local").unwrap();
         let id = SpiffeId::new("cluster.local", "shop", "cart");
-        // The CSR asks for another identity: the certificate still names the proven one.
         let key = KeyPair::generate().unwrap();
-        let mut req = CertificateParams::default();
-        req.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/kube-system/sa/admin"
-                .try_into()
-                .unwrap(),
-        )];
-        let csr = req.serialize_request(&key).unwrap().pem().unwrap();
-        let issued = ca.sign_csr(&csr, &id, Duration::from_secs(3600)).unwrap();
-        let leaf = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
-            .next()
-            .unwrap()
-            .unwrap();
-        let info = CertInfo::parse(&leaf).unwrap();
-        assert_eq!(info.uris, vec![id.to_string()]);
-        assert!(!info.is_ca);
-        let left = info.not_after.duration_since(SystemTime::now()).unwrap();
-        assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
-        assert_eq!(key.public_key_raw(), info.public_key.as_slice());
+        // The CSR names the proven identity (or nothing): signed, for that identity only.
+        for sans in [vec![uri(&id.to_string())], vec![]] {
+            let issued = ca
+                .sign_csr(&csr(&key, sans, false), &id, Duration::from_secs(3600))
+                .unwrap();
+            let leaf = CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+                .next()
+                .unwrap()
+                .unwrap();
+            let info = CertInfo::parse(&leaf).unwrap();
+            assert_eq!(info.uris, vec![id.to_string()]);
+            assert!(info.dns_names.is_empty());
+            assert!(!info.is_ca);
+            let left = info.not_after.duration_since(SystemTime::now()).unwrap();
+            assert!(left > Duration::from_secs(3500) && left <= Duration::from_secs(3600));
+            assert_eq!(key.public_key_raw(), info.public_key.as_slice());
+        }
 
         // Reloading the stored CA works; a key from elsewhere is refused.
         Ca::load(&cert_pem, &key_pem, "cluster.local").unwrap();
         let other = KeyPair::generate().unwrap().serialize_pem();
         let err = Ca::load(&cert_pem, &other, "cluster.local").err().unwrap();
         assert!(err.to_string().contains("does not belong"), "{err}");
-        assert!(ca.sign_csr("garbage", &id, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn refuses_csrs_that_ask_for_more_than_the_proven_identity() {
+        let (ca, ..) = Ca::generate("cluster.local").unwrap();
+        let id = SpiffeId::new("cluster.local", "shop", "cart");
+        let key = KeyPair::generate().unwrap();
+        let ttl = Duration::from_secs(60);
+        let refused = |pem: &str| ca.sign_csr(pem, &id, ttl).unwrap_err().to_string();
+        let admin = uri("spiffe://cluster.local/ns/kube-system/sa/admin");
+        let err = refused(&csr(&key, vec![admin], false));
+        assert!(
+            err.contains("asks for URI spiffe://cluster.local/ns/kube-system/sa/admin")
+                && err.contains("proved spiffe://cluster.local/ns/shop/sa/cart"),
+            "{err}"
+        );
+        let extra = vec![
+            uri(&id.to_string()),
+            SanType::DnsName("cart.shop.svc".try_into().unwrap()),
+            SanType::IpAddress("10.0.0.1".parse().unwrap()),
+        ];
+        let err = refused(&csr(&key, extra, false));
+        assert!(
+            err.contains("asks for DNS name cart.shop.svc, IP address 10.0.0.1"),
+            "{err}"
+        );
+        let err = refused(&csr(&key, vec![uri(&id.to_string())], true));
+        assert!(err.contains("asks to be a CA"), "{err}");
+        let err = refused("garbage");
+        assert!(err.contains("not a PEM certificate request"), "{err}");
+        // One bit of the signature flipped: it no longer verifies.
+        let good = csr(&key, vec![uri(&id.to_string())], false);
+        let mut der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(good.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        let err = refused(&pem_encode("CERTIFICATE REQUEST", &der));
+        assert!(err.contains("signature does not verify"), "{err}");
     }
 
     #[test]

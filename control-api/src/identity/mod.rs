@@ -89,6 +89,15 @@ impl Authority {
                 "--trust-domain {td:?}: use lowercase letters, digits, '-', '.', '_'"
             ));
         }
+        // Secrets an operator (or an older version) left readable by others are narrowed first.
+        for name in [
+            "ca-key.pem",
+            "admin-key.pem",
+            "admin-token",
+            "join-tokens.json",
+        ] {
+            crate::store::private_file(&dir.join(name));
+        }
         let ca = match (&config.ca_cert, &config.ca_key) {
             (Some(cert), Some(key)) => {
                 let ca = Ca::load(&read(cert, "--ca-cert")?, &read(key, "--ca-key")?, td).map_err(

@@ -37,6 +37,21 @@ impl ConfigServer {
     }
 }
 
+/// A DNS label (RFC 1123), as Kubernetes namespaces are: `shop`, `kube-system`.
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS subdomain (RFC 1123), as most Kubernetes object names are: `web-7d9f.v2`.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<Snapshot, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -66,14 +81,28 @@ impl ConfigService for ConfigServer {
                 "the first message must be a Subscribe",
             ));
         };
+        // What a subscriber says about itself is shown by `status` and keys its record: only
+        // Kubernetes names, never arbitrary bytes (paths, escape sequences).
         if sub
             .workload
             .split_once('/')
-            .is_none_or(|(ns, name)| ns.is_empty() || name.is_empty())
+            .is_none_or(|(ns, name)| !is_dns_label(ns) || !is_dns_subdomain(name))
         {
             return Err(Status::invalid_argument(format!(
-                "Subscribe.workload {:?} is not NAMESPACE/NAME",
+                "Subscribe.workload {:?} is not NAMESPACE/NAME (Kubernetes names: lowercase letters, digits, '-', and '.' between labels)",
                 sub.workload
+            )));
+        }
+        if !sub.pod_ip.is_empty() && sub.pod_ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "Subscribe.pod_ip {:?} is not an IP address",
+                sub.pod_ip
+            )));
+        }
+        if !sub.service_account.is_empty() && !is_dns_subdomain(&sub.service_account) {
+            return Err(Status::invalid_argument(format!(
+                "Subscribe.service_account {:?} is not a Kubernetes name (lowercase letters, digits, '-', and '.' between labels)",
+                sub.service_account
             )));
         }
         // A proxy with a mesh certificate subscribes only as the workload it is.

@@ -12,10 +12,12 @@
 //! version — a proxy that reconnects to another replica is not sent what it already holds.
 
 mod config_service;
+mod grpc_only;
 mod identity_service;
 mod policy_service;
 
 pub use config_service::ConfigServer;
+pub use grpc_only::GrpcOnly;
 pub use identity_service::{IdentityServer, TokenServer, admin_only};
 pub use policy_service::PolicyServer;
 

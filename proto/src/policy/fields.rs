@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+/// The longest duration a policy may give.
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Collects errors as it reads fields.
 #[derive(Default)]
 pub(super) struct Walker {
@@ -153,7 +156,9 @@ impl Walker {
         out
     }
 
-    /// A required-positive duration (`500ms`, `2s`).
+    /// A duration (`500ms`, `2s`, or `0`) in whole milliseconds — the wire carries milliseconds,
+    /// so a finer one would change on its way to the proxies — and at most [`MAX_DURATION`], so
+    /// that `now + duration` always fits a deadline.
     pub(super) fn duration(
         &mut self,
         m: &Map<String, Value>,
@@ -163,6 +168,20 @@ impl Walker {
         let value = m.get(key)?;
         match value {
             Value::String(s) => match humantime::parse_duration(s) {
+                Ok(d) if d.subsec_nanos() % 1_000_000 != 0 => {
+                    self.err(
+                        &join(path, key),
+                        format!("{s:?} is finer than a millisecond: write whole milliseconds"),
+                    );
+                    None
+                }
+                Ok(d) if d > MAX_DURATION => {
+                    self.err(
+                        &join(path, key),
+                        format!("{s:?} is longer than the maximum, 365 days"),
+                    );
+                    None
+                }
                 Ok(d) => Some(d),
                 Err(_) => {
                     self.err(

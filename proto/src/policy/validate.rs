@@ -316,6 +316,14 @@ fn retry_conditions(v: &mut Walker, on: &Value) -> Vec<RetryOn> {
         );
         return Vec::new();
     };
+    if items.is_empty() {
+        // On the wire an empty list means the defaults: it would change meaning on its way.
+        v.err(
+            "spec.retries.on",
+            "is empty: list the conditions to retry on, or set maxRetries: 0 to turn retries off",
+        );
+        return Vec::new();
+    }
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let path = format!("spec.retries.on[{i}]");
@@ -375,11 +383,19 @@ fn ejection(v: &mut Walker, e: &Value) -> Ejection {
     if let Some(n) = v.uint(e, "consecutiveFailures", "spec.ejection", 1, 1000) {
         out.consecutive_failures = n as u32;
     }
-    if let Some(d) = v.duration(e, "baseTime", "spec.ejection") {
-        out.base_time = d;
-    }
-    if let Some(d) = v.duration(e, "maxTime", "spec.ejection") {
-        out.max_time = d;
+    // On the wire 0 means the default: a zero time would change meaning on its way.
+    for (key, slot) in [
+        ("baseTime", &mut out.base_time),
+        ("maxTime", &mut out.max_time),
+    ] {
+        match v.duration(e, key, "spec.ejection") {
+            Some(d) if d.is_zero() => v.err(
+                &format!("spec.ejection.{key}"),
+                "must be more than 0 (e.g. 1s)",
+            ),
+            Some(d) => *slot = d,
+            None => {}
+        }
     }
     if out.base_time > out.max_time {
         v.err(
@@ -618,6 +634,46 @@ spec: {mtls: sometimes}
         assert!(
             e[0].contains("a TrafficPolicy named default/reviews appears twice"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn values_the_wire_cannot_carry_are_rejected() {
+        // Found by the `policy` fuzz target's round trip (fuzz/corpus/policy/roundtrip-*): each
+        // was accepted, then changed on its way to the proxies and in the control plane's state.
+        let doc = |spec: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: a}}\nspec: {spec}\n"
+            )
+        };
+        for (spec, expected) in [
+            (
+                "{timeout: 1500us}",
+                "spec.timeout: \"1500us\" is finer than a millisecond",
+            ),
+            (
+                "{idleTimeout: 18446744073709551615s}",
+                "spec.idleTimeout: \"18446744073709551615s\" is longer than the maximum, 365 days",
+            ),
+            ("{retries: {\"on\": []}}", "spec.retries.on: is empty"),
+            (
+                "{ejection: {baseTime: 0, maxTime: 30s}}",
+                "spec.ejection.baseTime: must be more than 0",
+            ),
+        ] {
+            let errors = PolicySet::parse(&doc(spec)).unwrap_err().0;
+            assert!(
+                errors.len() == 1 && errors[0].contains(expected),
+                "{spec}: {errors:?}"
+            );
+        }
+        let set = PolicySet::parse(&doc(
+            "{timeout: 365d, retries: {backoff: {base: 0, max: 1ms}}}",
+        ))
+        .unwrap();
+        assert_eq!(
+            set.traffic[0].timeout,
+            Some(Duration::from_secs(365 * 24 * 3600))
         );
     }
 
