@@ -4,7 +4,10 @@
 //! It runs on its own thread and single-threaded runtime, apart from the data path, so that a
 //! scrape storm or a slow admin client cannot delay proxied requests (and a busy data path
 //! cannot make the liveness probe fail). `/config` and `/shutdown` answer only loopback peers:
-//! in Kubernetes the admin port listens on the pod IP for kubelet and Prometheus.
+//! in Kubernetes the admin port listens on the pod IP for kubelet and Prometheus. Probe paths
+//! answer other peers only when the injector declared them (`--probes`, see
+//! `probe/declared.rs`): any pod can reach the admin port, and an undeclared probe would let it
+//! read any loopback port of the app around a strict ServerPolicy.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
+use crate::probe::DeclaredProbes;
 
 /// What the admin endpoints report and control.
 pub struct AdminState {
@@ -27,19 +31,27 @@ pub struct AdminState {
     metrics: Arc<Metrics>,
     config: ConfigFn,
     shutdown: Arc<Notify>,
+    probes: DeclaredProbes,
 }
 
 /// Produces the `/config` document (the policy in force changes over time).
 pub type ConfigFn = Box<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl AdminState {
-    pub fn new(metrics: Arc<Metrics>, config: ConfigFn, shutdown: Arc<Notify>) -> Arc<Self> {
+    /// `probes`: the probe paths open to peers other than loopback.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        config: ConfigFn,
+        shutdown: Arc<Notify>,
+        probes: DeclaredProbes,
+    ) -> Arc<Self> {
         Arc::new(Self {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             metrics,
             config,
             shutdown,
+            probes,
         })
     }
 
@@ -80,6 +92,7 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) -> std::io
                         }
                     };
                     let state = state.clone();
+                    let loopback = is_loopback(peer);
                     tokio::spawn(async move {
                         let shutdown_requested = Arc::new(AtomicBool::new(false));
                         let svc = {
@@ -87,8 +100,11 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<AdminState>) -> std::io
                             hyper::service::service_fn(move |req: Request<Incoming>| {
                                 let probe = crate::probe::is_probe(req.uri().path())
                                     && req.method() == Method::GET;
-                                let rsp = (!probe)
-                                    .then(|| route(&state, peer, req_ref(&req), &requested));
+                                let rsp = if !probe {
+                                    Some(route(&state, loopback, req_ref(&req), &requested))
+                                } else {
+                                    probe_refusal(&state.probes, loopback, req.uri())
+                                };
                                 async move {
                                     match rsp {
                                         Some(rsp) => Ok::<_, Infallible>(rsp),
@@ -126,14 +142,40 @@ fn req_ref(req: &Request<Incoming>) -> ReqRef {
     }
 }
 
+/// The pod itself (or an operator in it): 127.0.0.0/8, ::1, or ::ffff:127.x.y.z.
+fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().is_loopback()
+        || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+}
+
+/// The 403 for a probe path a non-loopback peer may not use, or `None` to serve the probe.
+fn probe_refusal(
+    probes: &DeclaredProbes,
+    loopback: bool,
+    uri: &http::Uri,
+) -> Option<Response<Full<Bytes>>> {
+    let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str());
+    if loopback || probes.allows(target) {
+        return None;
+    }
+    tracing::debug!(%target, "probe refused: not declared");
+    let mut rsp = Response::new(Full::new(Bytes::from(format!(
+        "forbidden: probe not declared: {target}; the injector declares the pod's probes in TRELLIS_PROBES (--probes), and only loopback clients may use other probe paths\n"
+    ))));
+    *rsp.status_mut() = StatusCode::FORBIDDEN;
+    rsp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    Some(rsp)
+}
+
 fn route(
     state: &AdminState,
-    peer: SocketAddr,
+    loopback: bool,
     req: ReqRef,
     shutdown_requested: &AtomicBool,
 ) -> Response<Full<Bytes>> {
-    let loopback = peer.ip().is_loopback()
-        || matches!(peer.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()));
     match (&req.method, req.path.as_str()) {
         (&Method::GET | &Method::HEAD, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET | &Method::HEAD, "/ready") => {
@@ -194,4 +236,79 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     rsp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_the_pod_itself_in_any_address_family() {
+        for peer in [
+            "127.0.0.1:1",
+            "127.9.9.9:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(peer.parse().unwrap()), "{peer}");
+        }
+        for peer in [
+            "10.0.0.7:1",
+            "[fd00::7]:1",
+            "[::ffff:10.0.0.7]:1",
+            "0.0.0.0:1",
+        ] {
+            assert!(!is_loopback(peer.parse().unwrap()), "{peer}");
+        }
+    }
+
+    #[test]
+    fn other_peers_get_only_the_declared_probes() {
+        let declared: DeclaredProbes = "/probe/http/8080/healthz?full=1,/probe/tcp/5432"
+            .parse()
+            .unwrap();
+        let refused = |loopback: bool, target: &str| {
+            probe_refusal(&declared, loopback, &target.parse().unwrap()).map(|rsp| rsp.status())
+        };
+        assert_eq!(refused(false, "/probe/http/8080/healthz?full=1"), None);
+        assert_eq!(refused(false, "/probe/tcp/5432"), None);
+        for undeclared in [
+            "/probe/http/8080/healthz",
+            "/probe/http/8080/healthz?full=1&x=2",
+            "/probe/http/8080/admin",
+            "/probe/tcp/6379",
+        ] {
+            assert_eq!(
+                refused(false, undeclared),
+                Some(StatusCode::FORBIDDEN),
+                "{undeclared}"
+            );
+            assert_eq!(refused(true, undeclared), None, "loopback: {undeclared}");
+        }
+        // Nothing declared: every probe path is loopback-only.
+        let none = DeclaredProbes::default();
+        assert!(probe_refusal(&none, false, &"/probe/tcp/5432".parse().unwrap()).is_some());
+        assert!(probe_refusal(&none, true, &"/probe/tcp/5432".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test]
+    async fn the_refusal_names_the_path_and_where_probes_are_declared() {
+        let rsp = probe_refusal(
+            &DeclaredProbes::default(),
+            false,
+            &"/probe/http/8080/secret?id=1".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rsp.status(), StatusCode::FORBIDDEN);
+        let body = http_body_util::BodyExt::collect(rsp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            body.contains("probe not declared: /probe/http/8080/secret?id=1;")
+                && body.contains("TRELLIS_PROBES"),
+            "{body}"
+        );
+    }
 }

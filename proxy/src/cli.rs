@@ -92,6 +92,14 @@ pub struct RunArgs {
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
     pub admin_addr: SocketAddr,
 
+    /// The app's probes as the injector rewrote them, comma-separated admin paths with their
+    /// query (e.g. `/probe/http/8080/healthz,/probe/tcp/5432,/probe/grpc/9090?service=x`; a
+    /// comma inside one is `%2C`): the only probe paths answered to clients other than
+    /// loopback, such as kubelet; anything else from them gets 403. Loopback clients may use
+    /// any probe path. Empty: no probe path is open beyond loopback.
+    #[arg(long, env = "TRELLIS_PROBES", default_value = "", value_name = "PATHS")]
+    pub probes: crate::probe::DeclaredProbes,
+
     /// The workload this proxy serves, as NAMESPACE/NAME.
     #[arg(long, env = "TRELLIS_WORKLOAD", value_parser = parse_workload)]
     pub workload: Option<String>,
@@ -228,6 +236,19 @@ pub struct RunArgs {
     /// (cause `overloaded`).
     #[arg(long, env = "TRELLIS_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// HTTP/1: a client must send a request's whole head (request line and headers) within this
+    /// long, or its connection is closed without a response (slowloris). It also bounds how long
+    /// a keep-alive connection may wait for its next request. 0: no limit.
+    #[arg(long, env = "TRELLIS_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(with = "humantime_serde_compat")]
+    pub header_read_timeout: Duration,
+
+    /// The largest request head accepted, in bytes: request line and headers (HTTP/1), or the
+    /// header list (HTTP/2). Beyond it: 431 Request Header Fields Too Large. HTTP/1 also allows
+    /// at most 100 header lines (431 beyond). At least 8192.
+    #[arg(long, env = "TRELLIS_MAX_HEADER_BYTES", default_value_t = 65_536, value_parser = parse_max_header_bytes)]
+    pub max_header_bytes: usize,
 
     /// On SIGTERM or POST /shutdown: how long in-flight requests may take to finish.
     #[arg(long, env = "TRELLIS_DRAIN_GRACE_PERIOD", default_value = "20s", value_parser = parse_duration)]
@@ -472,6 +493,18 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
+fn parse_max_header_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes (e.g. 65536)"))?;
+    if n < 8192 {
+        return Err(format!(
+            "{n} bytes is too small for a request head (at least 8192)"
+        ));
+    }
+    Ok(n)
+}
+
 fn parse_ratio(s: &str) -> Result<f64, String> {
     let r: f64 = s
         .parse()
@@ -674,6 +707,27 @@ mod tests {
     }
 
     #[test]
+    fn http_limits_have_defaults_and_name_bad_values() {
+        let args = run_args(&[]);
+        assert_eq!(args.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(args.max_header_bytes, 65_536);
+        let args = run_args(&["--header-read-timeout", "2s", "--max-header-bytes", "16384"]);
+        assert_eq!(args.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(args.max_header_bytes, 16_384);
+        let err = Cli::try_parse_from(["trellis-proxy", "run", "--max-header-bytes", "100"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--max-header-bytes") && err.contains("at least 8192"),
+            "{err}"
+        );
+        let err = Cli::try_parse_from(["trellis-proxy", "run", "--header-read-timeout", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--header-read-timeout"), "{err}");
+    }
+
+    #[test]
     fn bad_flags_are_rejected_with_the_flag_named() {
         let err =
             Cli::try_parse_from(["trellis-proxy", "init", "--inbound-port", "70000"]).unwrap_err();
@@ -684,5 +738,25 @@ mod tests {
         );
         let err = Cli::try_parse_from(["trellis-proxy", "--workload", "nope"]).unwrap_err();
         assert!(err.to_string().contains("NAMESPACE/NAME"));
+    }
+
+    #[test]
+    fn probes_are_declared_by_flag_and_bad_entries_name_the_flag() {
+        assert!(run_args(&[]).probes.is_empty());
+        let args = run_args(&["--probes", "/probe/http/8080/healthz,/probe/tcp/5432"]);
+        assert!(args.probes.allows("/probe/http/8080/healthz"));
+        assert!(args.probes.allows("/probe/tcp/5432"));
+        assert!(!args.probes.allows("/probe/tcp/8080"));
+        assert_eq!(
+            serde_json::to_value(&args).unwrap()["probes"],
+            serde_json::json!(["/probe/http/8080/healthz", "/probe/tcp/5432"])
+        );
+        let err = Cli::try_parse_from(["trellis-proxy", "run", "--probes", "/healthz"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--probes") && err.contains("\"/healthz\" is not a probe path"),
+            "{err}"
+        );
     }
 }

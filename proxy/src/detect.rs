@@ -115,6 +115,9 @@ fn classify_http1(buf: &[u8]) -> Option<Protocol> {
     match line_end {
         None if buf.len() > MAX_REQUEST_LINE => Some(Protocol::Opaque),
         None => None,
+        // The same limit when the line's end arrived in the same read: the verdict must not
+        // depend on how the bytes were split across reads.
+        Some(end) if end > MAX_REQUEST_LINE => Some(Protocol::Opaque),
         Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let is_http1 = method_len > 0
@@ -147,6 +150,21 @@ mod tests {
             "an incomplete line waits for more"
         );
         assert_eq!(classify(b"GET / SMTP/1.0\r\n"), Some(Protocol::Opaque));
+    }
+
+    #[test]
+    fn an_overlong_request_line_is_opaque_however_it_arrives() {
+        // Found by fuzzing (fuzz/corpus/detect/long-request-line): the first 16 KiB alone were
+        // judged opaque, the same line read at once HTTP/1.
+        let line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "a".repeat(17_000));
+        let bytes = line.as_bytes();
+        assert_eq!(
+            classify(&bytes[..MAX_REQUEST_LINE + 1]),
+            Some(Protocol::Opaque)
+        );
+        assert_eq!(classify(bytes), Some(Protocol::Opaque));
+        let fits = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_REQUEST_LINE - 20));
+        assert_eq!(classify(fits.as_bytes()), Some(Protocol::Http1));
     }
 
     #[test]

@@ -181,8 +181,9 @@ impl Discovery {
         })
     }
 
-    /// Applies one update: all of it, or (NACK) none of it.
-    fn apply(&self, update: &pb::DiscoveryUpdate) -> Result<usize, String> {
+    /// Applies one update: all of it, or (NACK) none of it. Returns the number of destinations
+    /// and absent keys it answered.
+    pub fn apply(&self, update: &pb::DiscoveryUpdate) -> Result<usize, String> {
         let mut parsed = Vec::with_capacity(update.destinations.len());
         for d in &update.destinations {
             let key: SocketAddr = d

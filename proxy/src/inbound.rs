@@ -28,30 +28,10 @@ pub async fn is_mesh_hello<I: AsyncRead + Unpin>(
     buf: &mut BytesMut,
     timeout: Duration,
 ) -> std::io::Result<bool> {
-    if buf.first() != Some(&0x16) {
-        return Ok(false);
-    }
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let mut acceptor = rustls::server::Acceptor::default();
-        let mut rest: &[u8] = buf;
-        while !rest.is_empty() {
-            if acceptor.read_tls(&mut rest).is_err() {
-                return Ok(false);
-            }
-        }
-        match acceptor.accept() {
-            Ok(Some(accepted)) => {
-                let hello = accepted.client_hello();
-                return Ok(hello
-                    .alpn()
-                    .is_some_and(|mut protos| protos.any(|p| p.starts_with(b"trellis/"))));
-            }
-            Ok(None) => {}
-            Err(_) => return Ok(false),
-        }
-        if buf.len() >= MAX_HELLO {
-            return Ok(false);
+        if let Some(verdict) = mesh_hello_verdict(buf) {
+            return Ok(verdict);
         }
         buf.reserve(4096);
         match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
@@ -59,6 +39,36 @@ pub async fn is_mesh_hello<I: AsyncRead + Unpin>(
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e),
         }
+    }
+}
+
+/// The verdict on a connection's first bytes: `Some(true)` for a ClientHello offering a mesh
+/// ALPN, `Some(false)` for anything else, `None` for an incomplete ClientHello (read more).
+///
+/// Only the first [`MAX_HELLO`] bytes are judged, so the verdict never depends on how the bytes
+/// were split across reads: once decided, more bytes cannot change it.
+pub fn mesh_hello_verdict(buf: &[u8]) -> Option<bool> {
+    if buf.first() != Some(&0x16) {
+        return Some(false);
+    }
+    let judged = &buf[..buf.len().min(MAX_HELLO)];
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut rest = judged;
+    while !rest.is_empty() {
+        if acceptor.read_tls(&mut rest).is_err() {
+            return Some(false);
+        }
+    }
+    match acceptor.accept() {
+        Ok(Some(accepted)) => Some(
+            accepted
+                .client_hello()
+                .alpn()
+                .is_some_and(|mut protos| protos.any(|p| p.starts_with(b"trellis/"))),
+        ),
+        Ok(None) if judged.len() >= MAX_HELLO => Some(false),
+        Ok(None) => None,
+        Err(_) => Some(false),
     }
 }
 

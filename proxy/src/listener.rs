@@ -45,6 +45,8 @@ pub struct ListenerConfig {
     pub idle_timeout: Option<Duration>,
     /// Outbound, with a control plane: service discovery.
     pub discovery: Option<Arc<crate::discovery::Discovery>>,
+    /// What HTTP clients may send: header size and the time to send them.
+    pub http_limits: http::ServerLimits,
 }
 
 pub struct Listener {
@@ -286,7 +288,7 @@ impl Listener {
                 }
                 info.discovered = target;
                 tokio::select! {
-                    _ = http::serve(io, self.http.clone(), info, drain) => {}
+                    _ = http::serve(io, self.http.clone(), info, drain, self.config.http_limits, &self.metrics, direction) => {}
                     _ = activity.expired(self.config.idle_timeout) => {
                         tracing::debug!(%client, "closing idle HTTP connection");
                     }
@@ -368,7 +370,7 @@ impl Listener {
                 let mut info = ConnInfo::plain(client, orig_dst, protocol);
                 info.peer = Some(http::Peer::new(peer));
                 tokio::select! {
-                    _ = http::serve(stream, self.http.clone(), info, drain) => {}
+                    _ = http::serve(stream, self.http.clone(), info, drain, self.config.http_limits, &self.metrics, direction) => {}
                     _ = activity.expired(self.config.idle_timeout) => {
                         tracing::debug!(%client, "closing idle mesh HTTP connection");
                     }

@@ -501,6 +501,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// Reports the data-plane runtime's task count in `trellis_runtime_tasks` from now on.
+    pub fn watch_runtime(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.process.runtime.set(runtime);
+    }
+
     pub fn encode(&self) -> String {
         self.process.sample();
         let mut out = String::with_capacity(8 * 1024);
@@ -515,6 +520,10 @@ struct ProcessMetrics {
     rss: Gauge,
     fds: Gauge,
     cpu: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Tasks alive on the data-plane runtime (connections, streams, pooled connections,
+    /// background loops): a leak shows here first.
+    tasks: Gauge,
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl ProcessMetrics {
@@ -538,10 +547,25 @@ impl ProcessMetrics {
             "User and system CPU time the proxy process has used",
             cpu.clone(),
         );
-        Self { rss, fds, cpu }
+        let tasks = Gauge::default();
+        registry.register(
+            "runtime_tasks",
+            "Tasks alive on the proxy's data-plane runtime",
+            tasks.clone(),
+        );
+        Self {
+            rss,
+            fds,
+            cpu,
+            tasks,
+            runtime: std::sync::OnceLock::new(),
+        }
     }
 
     fn sample(&self) {
+        if let Some(runtime) = self.runtime.get() {
+            self.tasks.set(runtime.metrics().num_alive_tasks() as i64);
+        }
         // SAFETY: sysconf has no memory-safety preconditions.
         let (page, ticks) = unsafe {
             (
@@ -654,5 +678,31 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
+    }
+
+    /// The task gauge follows the runtime it watches: a spawned task that has not finished
+    /// is counted, and it is gone once it has.
+    #[tokio::test]
+    async fn counts_the_runtime_tasks() {
+        let m = Metrics::new();
+        let gauge = |m: &Metrics| -> i64 {
+            let text = m.encode();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("trellis_runtime_tasks "))
+                .unwrap_or_else(|| panic!("no task gauge in\n{text}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert_eq!(gauge(&m), 0, "not watching a runtime yet");
+        m.watch_runtime(tokio::runtime::Handle::current());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = rx.await;
+        });
+        let with_task = gauge(&m);
+        assert!(with_task >= 1, "{with_task}");
+        tx.send(()).unwrap();
+        task.await.unwrap();
+        assert_eq!(gauge(&m), with_task - 1);
     }
 }

@@ -25,6 +25,10 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const USAGE: &str =
     "expected /probe/http/<port>/<path>, /probe/tcp/<port> or /probe/grpc/<port>?service=<name>";
 
+mod declared;
+
+pub use declared::DeclaredProbes;
+
 /// Whether a path is a probe path.
 pub fn is_probe(path: &str) -> bool {
     path.starts_with("/probe/")
@@ -48,48 +52,85 @@ async fn bounded(
     }
 }
 
+/// What a probe path asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// `GET /<path>?<query>` on the app's port.
+    Http {
+        port: u16,
+        target: String,
+    },
+    Tcp {
+        port: u16,
+    },
+    Grpc {
+        port: u16,
+        service: String,
+    },
+}
+
+/// Reads a probe path (`/probe/...`) and its query; on error, the status to answer and why.
+fn parse(path: &str, query: Option<&str>) -> Result<Target, (StatusCode, String)> {
+    let usage = || (StatusCode::BAD_REQUEST, USAGE.to_string());
+    let rest = path.strip_prefix("/probe/").ok_or_else(usage)?;
+    let (kind, rest) = rest.split_once('/').unwrap_or((rest, ""));
+    let (port, app_path) = match rest.split_once('/') {
+        Some((port, app_path)) => (port, Some(app_path)),
+        None => (rest, None),
+    };
+    let port = match port.parse::<u16>() {
+        Ok(0) => return Err((StatusCode::BAD_REQUEST, "port 0 is not 1-65535".into())),
+        Ok(port) => port,
+        Err(_) => return Err(usage()),
+    };
+    match kind {
+        "http" => {
+            let query = query.map(|q| format!("?{q}")).unwrap_or_default();
+            let target = format!("/{}{query}", app_path.unwrap_or_default());
+            Ok(Target::Http { port, target })
+        }
+        "tcp" if app_path.is_none() && query.is_none() => Ok(Target::Tcp { port }),
+        "tcp" => Err(usage()),
+        "grpc" if app_path.is_none() => {
+            let service = grpc_service(query).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+            Ok(Target::Grpc { port, service })
+        }
+        "grpc" => Err(usage()),
+        _ => Err((
+            StatusCode::NOT_FOUND,
+            format!("unknown probe kind {kind:?} (http, tcp, grpc)"),
+        )),
+    }
+}
+
 async fn probe<B>(req: Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
-    let rest = path.strip_prefix("/probe/").unwrap_or_default();
-    let (kind, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let (port, app_path) = rest.split_once('/').unwrap_or((rest, ""));
-    let Ok(port) = port.parse::<u16>() else {
-        return text(StatusCode::BAD_REQUEST, format!("{path}: {USAGE}\n"));
+    let target = match parse(&path, req.uri().query()) {
+        Ok(target) => target,
+        Err((status, why)) => return text(status, format!("{path}: {why}\n")),
     };
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    match kind {
-        "tcp" => match tokio::net::TcpStream::connect(addr).await {
-            Ok(_) => text(StatusCode::OK, format!("tcp {addr}: open\n")),
+    let addr = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    match target {
+        Target::Tcp { port } => match tokio::net::TcpStream::connect(addr(port)).await {
+            Ok(_) => text(StatusCode::OK, format!("tcp {}: open\n", addr(port))),
             Err(e) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("tcp {addr}: {e}\n"),
+                format!("tcp {}: {e}\n", addr(port)),
             ),
         },
-        "http" => {
-            let query = req
-                .uri()
-                .query()
-                .map(|q| format!("?{q}"))
-                .unwrap_or_default();
-            let target = format!("/{app_path}{query}");
-            match http_probe(addr, &target, req).await {
-                Ok(rsp) => rsp,
-                Err(e) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("http {addr}{target}: {e}\n"),
-                ),
-            }
-        }
-        "grpc" if app_path.is_empty() => {
-            let service = match grpc_service(req.uri().query()) {
-                Ok(service) => service,
-                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{path}: {e}\n")),
-            };
+        Target::Http { port, target } => match http_probe(addr(port), &target, req).await {
+            Ok(rsp) => rsp,
+            Err(e) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("http {}{target}: {e}\n", addr(port)),
+            ),
+        },
+        Target::Grpc { port, service } => {
             let what = match service.as_str() {
-                "" => format!("grpc {addr}"),
-                name => format!("grpc {addr} service {name:?}"),
+                "" => format!("grpc {}", addr(port)),
+                name => format!("grpc {} service {name:?}", addr(port)),
             };
-            match grpc_probe(addr, &service).await {
+            match grpc_probe(addr(port), &service).await {
                 Ok(ServingStatus::Serving) => text(StatusCode::OK, format!("{what}: SERVING\n")),
                 Ok(status) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -98,11 +139,6 @@ async fn probe<B>(req: Request<B>) -> Response<Full<Bytes>> {
                 Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{what}: {e}\n")),
             }
         }
-        "grpc" => text(StatusCode::BAD_REQUEST, format!("{path}: {USAGE}\n")),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            format!("{path}: unknown probe kind {kind:?} (http, tcp, grpc)\n"),
-        ),
     }
 }
 

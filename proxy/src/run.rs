@@ -91,7 +91,12 @@ pub fn run(args: RunArgs) -> Result<(), RunError> {
         })
     };
     let (telemetry, telemetry_threads) = telemetry(&args, &metrics)?;
-    let admin_state = AdminState::new(metrics.clone(), config, shutdown.clone());
+    let admin_state = AdminState::new(
+        metrics.clone(),
+        config,
+        shutdown.clone(),
+        args.probes.clone(),
+    );
     let admin_listener =
         std::net::TcpListener::bind(args.admin_addr).map_err(|source| RunError::Bind {
             what: "admin",
@@ -319,6 +324,7 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
         telemetry,
         discovery,
     } = startup;
+    metrics.watch_runtime(tokio::runtime::Handle::current());
     let (installer, identity) = Installer::new(metrics.clone());
     let needs_identity = !matches!(identity_source, IdentitySource::None);
     match identity_source {
@@ -416,6 +422,10 @@ async fn serve(args: RunArgs, startup: Startup) -> Result<(), RunError> {
                 discovery: (direction == Direction::outbound)
                     .then(|| discovery.clone())
                     .flatten(),
+                http_limits: crate::http::ServerLimits {
+                    header_read_timeout: Some(args.header_read_timeout).filter(|d| !d.is_zero()),
+                    max_header_bytes: args.max_header_bytes,
+                },
             },
             pool,
             metrics.clone(),

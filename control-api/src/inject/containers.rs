@@ -56,12 +56,14 @@ pub fn init_container(cfg: &InjectConfig, ann: &Annotations) -> Value {
     })
 }
 
-/// The proxy container.
+/// The proxy container. `probes`: the app's probe paths rewritten to the admin port, declared
+/// in `TRELLIS_PROBES` (the proxy answers no other probe path to kubelet or any other pod).
 pub fn proxy_container(
     cfg: &InjectConfig,
     ann: &Annotations,
     workload: &str,
     mode: SidecarMode,
+    probes: &[String],
 ) -> Value {
     let field = |path: &str| json!({"fieldRef": {"fieldPath": path}});
     let mut env = vec![
@@ -78,6 +80,11 @@ pub fn proxy_container(
         json!({"name": "TRELLIS_IDENTITY_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")}),
         json!({"name": "TRELLIS_LOG_FORMAT", "value": "json"}),
     ];
+    if !probes.is_empty() {
+        // The list is comma-separated: a comma inside a path is written %2C.
+        let list: Vec<String> = probes.iter().map(|p| p.replace(',', "%2C")).collect();
+        env.push(json!({"name": "TRELLIS_PROBES", "value": list.join(",")}));
+    }
     if let Some(otlp) = &cfg.otlp_endpoint {
         env.push(json!({"name": "TRELLIS_OTLP_ENDPOINT", "value": otlp}));
     }

@@ -6,8 +6,8 @@
 //! the `trellis-init` init container and the `trellis-proxy` sidecar first among the init
 //! containers (a native sidecar, so the app's own init containers already have a proxy; or, in
 //! classic mode, the first app container), the projected token volume, the app's probes
-//! rewritten to the admin port (the originals kept in an annotation), and a status annotation
-//! that makes injecting twice a no-op.
+//! rewritten to the admin port (the originals kept in an annotation, the new paths declared to
+//! the proxy in `TRELLIS_PROBES`), and a status annotation that makes injecting twice a no-op.
 
 mod containers;
 mod probes;
@@ -185,12 +185,19 @@ pub fn inject(
     let mut ops = Vec::new();
     // Probes first: the paths index the app's containers before anything is inserted.
     let mut originals = Map::new();
+    // The rewritten paths, declared to the proxy: the only probes it serves beyond loopback.
+    let mut declared: Vec<String> = Vec::new();
     for (i, c) in containers.iter().enumerate() {
         let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
         let mut kept = Map::new();
         for probe in probes::PROBES {
             let Some(p) = c.get(probe) else { continue };
             if let Some(new) = probes::rewrite(p, c, &format!("{name}.{probe}"))? {
+                if let Some(path) = new["httpGet"]["path"].as_str()
+                    && !declared.iter().any(|d| d == path)
+                {
+                    declared.push(path.to_string());
+                }
                 ops.push(json!({"op": "replace", "path": format!("/spec/containers/{i}/{probe}"), "value": new}));
                 kept.insert(probe.into(), p.clone());
             }
@@ -200,7 +207,7 @@ pub fn inject(
         }
     }
     let init = containers::init_container(cfg, &ann);
-    let proxy = containers::proxy_container(cfg, &ann, workload, ann.mode);
+    let proxy = containers::proxy_container(cfg, &ann, workload, ann.mode, &declared);
     let first_inits = match ann.mode {
         SidecarMode::Native => vec![init, proxy.clone()],
         SidecarMode::Classic => vec![init],

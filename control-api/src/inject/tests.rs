@@ -149,6 +149,11 @@ fn a_deployment_gets_init_and_native_sidecar_first_and_everything_else_is_kept()
     );
     assert_eq!(app["readinessProbe"]["periodSeconds"], 3);
     assert_eq!(app["livenessProbe"]["httpGet"]["path"], "/probe/tcp/8080");
+    // ...and declared to the proxy, the only probe paths it serves beyond loopback.
+    assert_eq!(
+        env(proxy, "TRELLIS_PROBES")["value"],
+        "/probe/tcp/8080,/probe/http/8080/ready"
+    );
     let ann = &pod["metadata"]["annotations"];
     assert_eq!(ann[ANNOTATION_STATUS], env!("CARGO_PKG_VERSION"));
     let originals: Value =
@@ -321,6 +326,72 @@ fn classic_mode_puts_the_proxy_first_among_containers_with_a_wait_hook() {
     assert_eq!(
         spec["containers"][1]["livenessProbe"]["httpGet"]["path"],
         "/probe/tcp/80"
+    );
+    assert_eq!(env(proxy, "TRELLIS_PROBES")["value"], "/probe/tcp/80");
+}
+
+#[test]
+fn every_rewritten_probe_of_every_container_is_declared_once() {
+    let yaml = r#"
+kind: Pod
+metadata: {name: p}
+spec:
+  containers:
+  - name: web
+    image: w
+    ports: [{name: http, containerPort: 8080}]
+    livenessProbe: {httpGet: {path: /healthz, port: http}}
+    readinessProbe: {httpGet: {path: /healthz, port: 8080}}
+    startupProbe: {httpGet: {path: "/ready?full=1", port: 8080}}
+  - name: db
+    image: d
+    livenessProbe: {tcpSocket: {port: 5432}}
+    readinessProbe: {exec: {command: ["true"]}}
+  - name: rpc
+    image: r
+    readinessProbe: {grpc: {port: 9090, service: my.Svc}}
+    livenessProbe: {httpGet: {path: "/check?l=a,b", port: 9091}}
+    startupProbe: {httpGet: {path: /tls, port: 9443, scheme: HTTPS}}
+"#;
+    let (out, _) = inject_documents(yaml, &cfg()).unwrap();
+    let spec = &docs(&out)[0]["spec"];
+    let proxy = &spec["initContainers"][1];
+    // In container and probe order, duplicates once; exec and HTTPS probes stay as they were
+    // and are not declared; the comma inside a path is %2C (the list is comma-separated).
+    assert_eq!(
+        env(proxy, "TRELLIS_PROBES")["value"],
+        "/probe/http/8080/healthz,/probe/http/8080/ready?full=1,/probe/tcp/5432,\
+         /probe/http/9091/check?l=a%2Cb,/probe/grpc/9090?service=my.Svc"
+    );
+    // Each declared path is what the container's probe now asks for.
+    let rewritten: Vec<&str> = spec["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| probes::PROBES.map(|p| c[p]["httpGet"]["path"].as_str()))
+        .flatten()
+        .filter(|p| p.starts_with("/probe/"))
+        .collect();
+    assert_eq!(rewritten.len(), 6, "{rewritten:?}");
+    let declared = env(proxy, "TRELLIS_PROBES")["value"].as_str().unwrap();
+    for path in rewritten {
+        assert!(
+            declared.split(',').any(|d| d.replace("%2C", ",") == path),
+            "{path} not in {declared}"
+        );
+    }
+}
+
+#[test]
+fn a_pod_without_rewritten_probes_declares_none() {
+    let yaml = "kind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: app, image: a, livenessProbe: {exec: {command: [\"true\"]}}}]}\n";
+    let (out, _) = inject_documents(yaml, &cfg()).unwrap();
+    let proxy = &docs(&out)[0]["spec"]["initContainers"][1];
+    assert_eq!(proxy["name"], PROXY_NAME);
+    let env = proxy["env"].as_array().unwrap();
+    assert!(
+        !env.iter().any(|e| e["name"] == "TRELLIS_PROBES"),
+        "{env:?}"
     );
 }
 

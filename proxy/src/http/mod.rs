@@ -19,6 +19,7 @@ pub use forward::Forwarder;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HOST};
@@ -30,6 +31,7 @@ use crate::detect::Protocol;
 use crate::drain;
 use crate::error::{ERROR_HEADER, ProxyError};
 use crate::io::Io;
+use crate::metrics::{Direction, Metrics};
 use crate::transport::HttpVersion;
 
 pub use headers::{strip_hop_by_hop, wants_upgrade};
@@ -101,9 +103,60 @@ pub const PEER_IDENTITY_HEADER: &str = "trellis-peer-identity";
 /// mesh peer.
 pub const ORIG_PROTO_HEADER: &str = "trellis-orig-proto";
 
+/// What a client may send before its request reaches the [`Forwarder`]: hostile or broken
+/// clients are answered by hyper itself (400, 431, or a closed connection) and never reach an app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// HTTP/1: the request line and headers must all arrive within this time, or the connection
+    /// is closed without a response (a slowloris client). hyper also applies it to a keep-alive
+    /// connection waiting for its next request. `None`: no limit.
+    pub header_read_timeout: Option<Duration>,
+    /// Request line plus headers (HTTP/1), or the header list (HTTP/2, advertised in SETTINGS):
+    /// beyond it HTTP/1 gets `431 Request Header Fields Too Large`. HTTP/1 also allows at most
+    /// [`MAX_HEADERS`] header lines (431 beyond).
+    pub max_header_bytes: usize,
+}
+
+/// hyper's fixed limit on the number of HTTP/1 request header lines.
+pub const MAX_HEADERS: usize = 100;
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Some(Duration::from_secs(30)),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// The `trellis_proxy_errors_total` cause of a client connection that hyper ended with an
+/// error before (or instead of) a request: what the client did wrong, if it was the client.
+fn client_error_cause(e: &hyper::Error) -> Option<&'static str> {
+    if e.is_parse_too_large() {
+        Some("request-headers-too-large")
+    } else if e.is_parse() {
+        Some("bad-request")
+    } else if e.is_timeout() {
+        Some("header-read-timeout")
+    } else {
+        None
+    }
+}
+
 /// Serves HTTP on an accepted, detected connection until it closes or a drain completes it.
-pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: drain::Watch) {
+/// Requests hyper refuses (malformed, headers too large, too slow) are counted in `metrics`
+/// under their cause; none of them reaches the forwarder.
+pub async fn serve<I: Io>(
+    io: I,
+    fwd: Arc<Forwarder>,
+    conn: ConnInfo,
+    drain: drain::Watch,
+    limits: ServerLimits,
+    metrics: &Metrics,
+    direction: Direction,
+) {
     let protocol = conn.protocol;
+    let client = conn.client;
     let conn = Arc::new(conn);
     let service = hyper::service::service_fn(move |req| {
         let (fwd, conn) = (fwd.clone(), conn.clone());
@@ -116,6 +169,7 @@ pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: dra
                 .timer(TokioTimer::new())
                 .initial_stream_window_size(1 << 20)
                 .initial_connection_window_size(4 << 20)
+                .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
                 .serve_connection(io, service);
             tokio::pin!(conn);
             tokio::select! {
@@ -129,6 +183,8 @@ pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: dra
         _ => {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_header_size(limits.max_header_bytes)
                 .serve_connection(io, service)
                 .with_upgrades();
             tokio::pin!(conn);
@@ -142,7 +198,13 @@ pub async fn serve<I: Io>(io: I, fwd: Arc<Forwarder>, conn: ConnInfo, drain: dra
         }
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, "client HTTP connection ended with an error");
+        match client_error_cause(&e) {
+            Some(cause) => {
+                metrics.error(direction, cause);
+                tracing::debug!(direction = direction.as_str(), %client, error = cause, reason = %e, "client HTTP connection refused by the HTTP server");
+            }
+            None => tracing::debug!(error = %e, "client HTTP connection ended with an error"),
+        }
     }
 }
 

@@ -61,12 +61,17 @@ pub async fn run(config: CertifyConfig, installer: Installer) {
             Err(e) => {
                 installer.failed();
                 let in_force = installer.current();
+                // While a certificate is still in force, never wait more than a quarter of its
+                // remaining life between attempts: with short lifetimes, the backoff alone could
+                // outlast a CA outage shorter than the certificate.
+                let mut cap = MAX;
                 match &in_force {
                     Some(tls) if !tls.expired() => {
                         let left = tls
                             .not_after
                             .duration_since(SystemTime::now())
                             .unwrap_or_default();
+                        cap = (left / 4).clamp(Duration::from_millis(100), MAX);
                         tracing::warn!(url = %config.url, error = %e, expires_in = ?left, "certificate renewal failed; the current certificate stays in force");
                     }
                     Some(_) => {
@@ -76,8 +81,9 @@ pub async fn run(config: CertifyConfig, installer: Installer) {
                         tracing::warn!(url = %config.url, error = %e, "cannot obtain a certificate yet")
                     }
                 }
+                let wait = backoff.min(cap);
                 let pause = Duration::from_millis(fastrand::u64(
-                    backoff.as_millis() as u64 / 2..=backoff.as_millis() as u64,
+                    wait.as_millis() as u64 / 2..=wait.as_millis() as u64,
                 ));
                 tokio::time::sleep(pause).await;
                 backoff = (backoff * 2).min(MAX);

@@ -138,11 +138,8 @@ async fn session(
     {
         *delivered = true;
         let (version, nonce) = (snapshot.version.clone(), snapshot.nonce.clone());
-        let answer = match wire::set_from_wire(&snapshot.traffic, &snapshot.server) {
-            Ok(set) => {
-                let (traffic, server) = (set.traffic.len(), set.server.len());
-                let meshed = meshed_from_wire(&snapshot.meshed);
-                store.apply_with_mesh(set, version.clone(), format!("control-plane:{url}"), meshed);
+        let answer = match apply_snapshot(store, &snapshot, format!("control-plane:{url}")) {
+            Ok((traffic, server)) => {
                 metrics.policy_load(true, &version);
                 tracing::info!(%version, traffic, server, "policy applied from the control plane");
                 if !*announced_first {
@@ -166,6 +163,21 @@ async fn session(
             .map_err(|_| "stream closed".to_string())?;
     }
     Ok(())
+}
+
+/// Validates a snapshot and, if every policy in it is valid, puts it in force (all of it, or
+/// nothing: on an error the policy in force stays). Returns the number of TrafficPolicies and
+/// ServerPolicies applied, or every problem, each named by document and field path (the NACK).
+pub fn apply_snapshot(
+    store: &PolicyStore,
+    snapshot: &trellis_proto::pb::Snapshot,
+    source: String,
+) -> Result<(usize, usize), trellis_proto::policy::PolicyErrors> {
+    let set = wire::set_from_wire(&snapshot.traffic, &snapshot.server)?;
+    let counts = (set.traffic.len(), set.server.len());
+    let meshed = meshed_from_wire(&snapshot.meshed);
+    store.apply_with_mesh(set, snapshot.version.clone(), source, meshed);
+    Ok(counts)
 }
 
 /// The channel to the control plane: TLS verified against the trust anchors, the server must be
