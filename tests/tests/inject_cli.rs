@@ -79,6 +79,17 @@ fn every_workload_kind_is_injected_valid_and_stable() {
         cron["containers"][1]["readinessProbe"]["httpGet"]["path"],
         "/probe/grpc/50051"
     );
+    let declared = cron["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_PROBES")
+        .map(|e| e["value"].clone());
+    assert_eq!(
+        declared,
+        Some(Value::from("/probe/grpc/50051")),
+        "the rewritten probe is declared to the proxy"
+    );
 
     // The output is valid Kubernetes.
     let file = dir.join("injected.yaml");

@@ -178,6 +178,23 @@ fn the_injected_sidecar_runs_as_written_and_forms_the_mesh() {
         rsp.status, 200,
         "the rewritten probe from outside the pod: {rsp:?}"
     );
+    // It is the one probe injection declared to the proxy; any other probe path from outside
+    // the pod is refused, so the admin port is no way around the strict server.
+    let declared = container(&template, "trellis-proxy")["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TRELLIS_PROBES")
+        .map(|e| e["value"].clone());
+    assert_eq!(declared, Some(Value::from(path)));
+    for undeclared in ["/probe/http/8080/headers?x=1", "/probe/tcp/8080"] {
+        let rsp = outsider.curl(&[&format!("http://{}:{port}{undeclared}", api.ip)]);
+        assert_eq!(
+            rsp.status, 403,
+            "{undeclared} from outside the pod: {rsp:?}"
+        );
+        assert!(rsp.body.contains("probe not declared"), "{}", rsp.body);
+    }
 
     // The metrics name the workloads as injection did.
     let m = api.metrics();

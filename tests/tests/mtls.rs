@@ -21,8 +21,13 @@ struct Meshed {
     state: PathBuf,
 }
 
-/// A control plane, a server pod (HTTP app on 8080, TCP echo on 9000, admin on 0.0.0.0:4191)
-/// and a client pod, both meshed; `policy` (with SERVER replaced by the server's IP) applied
+/// The server's probes as the injector would declare them (`--probes`): the only probe paths its
+/// admin port serves beyond loopback.
+const SERVER_PROBES: &str =
+    "/probe/http/8080/headers?x=1,/probe/http/8080/status/503,/probe/tcp/9000,/probe/tcp/9999";
+
+/// A control plane, a server pod (HTTP app on 8080, TCP echo on 9000, admin on 0.0.0.0:4191,
+/// probes `SERVER_PROBES` declared) and a client pod, both meshed; `policy` (with SERVER replaced by the server's IP) applied
 /// and acknowledged before returning.
 fn meshed(test: &str, control_args: &[&str], policy: &str) -> Option<Meshed> {
     let mesh = Mesh::new(test)?;
@@ -33,7 +38,12 @@ fn meshed(test: &str, control_args: &[&str], policy: &str) -> Option<Meshed> {
     server.spawn_app(&["http", "--listen", "0.0.0.0:8080", "--name", "server"]);
     server.spawn_app(&["tcp-echo", "--listen", "0.0.0.0:9000"]);
     let mut flags = control.mesh_flags(&mesh, "default/server", "server");
-    flags.extend(["--admin-addr".into(), "0.0.0.0:4191".into()]);
+    flags.extend([
+        "--admin-addr".into(),
+        "0.0.0.0:4191".into(),
+        "--probes".into(),
+        SERVER_PROBES.into(),
+    ]);
     server.start_sidecar(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     let client = mesh.pod("client");
     let flags = control.mesh_flags(&mesh, "default/client", "client");
@@ -478,33 +488,75 @@ fn probes_through_the_admin_port_reach_an_app_behind_a_strict_server() {
         return;
     };
     let kubelet = m.mesh.pod("kubelet");
+    let probe = |path: &str| kubelet.curl(&[&m.server.url(4191, path)]);
     // The app's own port refuses the kubelet (plaintext)...
     assert_eq!(kubelet.curl(&[&m.server.url(8080, "/headers")]).status, 403);
-    // ...its probe, rewritten to the admin port, reaches it.
-    let rsp = kubelet.curl(&[&m.server.url(4191, "/probe/http/8080/headers?x=1")]);
+    // ...its declared probes, rewritten to the admin port, reach it: the app's answer as it is.
+    let rsp = probe("/probe/http/8080/headers?x=1");
     assert_eq!(rsp.status, 200, "{rsp:?}");
     let body: serde_json::Value = serde_json::from_str(&rsp.body).unwrap();
     assert_eq!(body["uri"], "/headers?x=1");
+    assert_eq!(probe("/probe/http/8080/status/503").status, 503);
+    assert_eq!(probe("/probe/tcp/9000").status, 200);
     assert_eq!(
-        kubelet
-            .curl(&[&m.server.url(4191, "/probe/http/8080/status/503")])
-            .status,
-        503
+        probe("/probe/tcp/9999").status,
+        503,
+        "declared, nothing listens"
     );
+
+    // Any other probe path from another pod is refused, naming why: the admin port (open on
+    // the pod IP for kubelet) is no way around the strict server to the app's loopback ports.
+    let undeclared = [
+        "/probe/http/8080/headers",
+        "/probe/http/8080/headers?x=2",
+        "/probe/http/8080/headers?x=1&y=2",
+        "/probe/http/8080/status/200",
+        "/probe/http/9000/",
+        "/probe/tcp/8080",
+        "/probe/tcp/22",
+        "/probe/grpc/8080",
+        "/probe/http/8080/flaky?key=sneak&fail=100",
+        "/probe/http/8080/flaky?key=sneak&fail=100",
+        "/probe/http/8080/flaky?key=sneak&fail=100",
+    ];
+    for path in undeclared {
+        let rsp = probe(path);
+        assert_eq!(rsp.status, 403, "{path}: {rsp:?}");
+        assert!(
+            rsp.body.contains(&format!("probe not declared: {path};"))
+                && rsp.body.contains("TRELLIS_PROBES"),
+            "{path}: {}",
+            rsp.body
+        );
+    }
+    // None of them reached the app: its per-key counter sees the first /flaky call only now,
+    // from loopback (inside the pod, as the pod itself or kubectl exec), where any probe path
+    // works.
+    let (status, body) = m
+        .server
+        .admin_get("/probe/http/8080/flaky?key=sneak&fail=100");
     assert_eq!(
-        kubelet
-            .curl(&[&m.server.url(4191, "/probe/tcp/9000")])
-            .status,
-        200
+        (status, body.as_str()),
+        (503, "failure 1 from server\n"),
+        "the 3 refused /flaky probes must not have reached the app"
     );
+    let (status, body) = m.server.admin_get("/probe/http/8080/headers");
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["uri"], "/headers");
+    assert_eq!(m.server.admin_get("/probe/tcp/8080").0, 200);
+    assert_eq!(m.server.admin_get("/probe/tcp/22").0, 503);
+    // The declared probes are in /config.
+    let config: serde_json::Value = serde_json::from_str(&m.server.admin_get("/config").1).unwrap();
     assert_eq!(
-        kubelet
-            .curl(&[&m.server.url(4191, "/probe/tcp/9999")])
-            .status,
-        503
+        config["proxy"]["probes"].as_array().map(Vec::len),
+        Some(4),
+        "{}",
+        config["proxy"]
     );
+
     // The admin port's loopback-only endpoints stay closed to the kubelet.
-    assert_eq!(kubelet.curl(&[&m.server.url(4191, "/config")]).status, 403);
+    assert_eq!(probe("/config").status, 403);
 }
 
 #[test]

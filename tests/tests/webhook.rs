@@ -204,6 +204,11 @@ fn a_deployments_pod_gets_the_sidecar_and_the_patched_pod_is_valid() {
     );
     assert_eq!(app["readinessProbe"]["httpGet"]["port"], 4191);
     assert_eq!(app["livenessProbe"]["httpGet"]["path"], "/probe/tcp/8080");
+    // The rewritten paths are declared to the proxy: the only probes it serves to the kubelet.
+    assert_eq!(
+        env("TRELLIS_PROBES")["value"],
+        "/probe/tcp/8080,/probe/http/8080/"
+    );
     assert_eq!(
         pod["metadata"]["annotations"]["trellis.dev/injected"],
         env!("CARGO_PKG_VERSION")

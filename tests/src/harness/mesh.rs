@@ -261,19 +261,7 @@ impl Pod {
 
     /// [`Pod::start_proxy`] with environment variables set for the proxy.
     pub fn start_proxy_with_env(&self, args: &[&str], env: &[(&str, &str)]) {
-        let uid = PROXY_UID.to_string();
-        let mut cmd = self.ns.command("setpriv");
-        cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
-            .arg(proxy_bin())
-            .args(["run", "--log-format", "json"]);
-        if !args.iter().any(|a| a.starts_with("--access-log")) {
-            cmd.args(["--access-log", "json"]);
-        }
-        cmd.args(args);
-        cmd.envs(env.iter().copied());
-        let log = self.dir.join(format!("{}-proxy.log", self.name));
-        let access = self.dir.join(format!("{}-access.log", self.name));
-        let mut proc = Proc::spawn_split(&format!("{} proxy", self.name), cmd, &access, &log);
+        let mut proc = self.spawn_proxy_proc(args, env);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = proc.try_wait() {
@@ -295,6 +283,29 @@ impl Pod {
             std::thread::sleep(Duration::from_millis(20));
         }
         *self.proxy.lock().expect("proxy lock") = Some(proc);
+    }
+
+    /// Starts the sidecar as [`Pod::start_proxy`] does, but returns at once instead of waiting
+    /// for `/ready`: for a proxy that is not expected to become ready (yet).
+    pub fn spawn_proxy(&self, args: &[&str]) {
+        let proc = self.spawn_proxy_proc(args, &[]);
+        *self.proxy.lock().expect("proxy lock") = Some(proc);
+    }
+
+    fn spawn_proxy_proc(&self, args: &[&str], env: &[(&str, &str)]) -> Proc {
+        let uid = PROXY_UID.to_string();
+        let mut cmd = self.ns.command("setpriv");
+        cmd.args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(proxy_bin())
+            .args(["run", "--log-format", "json"]);
+        if !args.iter().any(|a| a.starts_with("--access-log")) {
+            cmd.args(["--access-log", "json"]);
+        }
+        cmd.args(args);
+        cmd.envs(env.iter().copied());
+        let log = self.dir.join(format!("{}-proxy.log", self.name));
+        let access = self.dir.join(format!("{}-access.log", self.name));
+        Proc::spawn_split(&format!("{} proxy", self.name), cmd, &access, &log)
     }
 
     /// Starts `trellis-control serve` in this pod (port 7443, admin 9990) with `state_dir`, and
@@ -384,6 +395,45 @@ impl Pod {
         }
         cmd.output()
             .unwrap_or_else(|e| panic!("running trellis-control in {}: {e}", self.name))
+    }
+
+    /// The policy version in force in this pod's sidecar (`version` of `GET /config`).
+    pub fn config_version(&self) -> String {
+        let (status, body) = self.admin_get("/config");
+        assert_eq!(status, 200, "GET /config on {}'s proxy: {body}", self.name);
+        let config: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/config of {} is not JSON ({e}): {body}", self.name));
+        config["version"].as_str().unwrap_or("").to_string()
+    }
+
+    /// `trellis-control status -o json` against the control plane in this pod.
+    pub fn control_status(&self) -> serde_json::Value {
+        let out = self.control(&["status", "-o", "json"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "trellis-control status in {} failed: {stdout}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout)
+            .unwrap_or_else(|e| panic!("trellis-control status printed no JSON ({e}): {stdout}"))
+    }
+
+    /// The workloads `trellis-control status` lists as connected with `version` acknowledged,
+    /// sorted.
+    pub fn connected_proxies(&self, version: &str) -> Vec<String> {
+        let status = self.control_status();
+        let mut workloads: Vec<String> = status["proxies"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p["connected"] == true && p["ackedVersion"] == version)
+            .map(|p| p["workload"].as_str().unwrap_or("").to_string())
+            .collect();
+        workloads.sort();
+        workloads
     }
 
     /// Starts `trellis-testapp ARGS` and waits until it accepts connections on its `--listen`.

@@ -26,11 +26,16 @@ mod bins;
 mod capture;
 mod cluster;
 mod control;
+mod load;
 mod mesh;
+pub mod meshed;
 mod metrics;
+mod mount;
 mod netns;
 mod otlp;
 mod process;
+pub mod raw;
+mod recorder;
 pub mod traced;
 
 pub use apiserver::{FakeApiServer, ServicePort, SliceEndpoint};
@@ -38,14 +43,17 @@ pub use bins::{control_bin, proxy_bin, testapp_bin};
 pub use capture::{Capture, contains};
 pub use cluster::{CONTROL_VIP, Cluster, SERVICE_CIDR};
 pub use control::{ControlPlane, free_port};
+pub use load::{LoadTotals, StopOnDrop};
 pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
 pub use metrics::{Scrape, check_with_prometheus_parser};
+pub use mount::Mount;
 pub use netns::Netns;
 pub use otlp::{
     AttrValue, OTLP_PORT, OtlpReceiver, ReceivedSpan, SPAN_KIND_CLIENT, SPAN_KIND_SERVER,
     collector_url,
 };
 pub use process::Proc;
+pub use recorder::Recorder;
 
 /// The UID the sidecar runs as in every pod (the `init` default).
 pub const PROXY_UID: u32 = 2102;

@@ -66,6 +66,10 @@ impl Proc {
     }
 
     pub fn signal(&self, signal: i32) {
+        // A child already waited for is gone and its PID may belong to another process now.
+        if self.exited.is_some() {
+            return;
+        }
         // SAFETY: sending a signal to our own child has no memory-safety preconditions.
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
