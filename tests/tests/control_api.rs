@@ -11,8 +11,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc};
+use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 use trellis_proto::pb::config_service_client::ConfigServiceClient;
 use trellis_proto::pb::config_service_server::{ConfigService, ConfigServiceServer};
@@ -22,7 +22,7 @@ use trellis_proto::pb::{
 };
 use trellis_proto::policy::PolicySet;
 use trellis_proto::wire;
-use trellis_tests::harness::{CONTROL_IDENTITY, ControlPlane, Mesh};
+use trellis_tests::harness::{self, CONTROL_IDENTITY, ControlPlane, Mesh};
 
 // ---- a scripted control plane ----
 
@@ -194,46 +194,21 @@ fn a_snapshot_the_proxy_cannot_apply_is_nacked_and_the_previous_config_stays() {
 // ---- the real control plane, on loopback, with simulated proxies ----
 
 /// A simulated proxy: subscribes, then ACKs every snapshot (or NACKs with `nack`), reporting
-/// (version, time received) for each.
+/// (workload, version, time received) for each.
 async fn simulated_proxy(
     channel: tonic::transport::Channel,
     workload: String,
     nack: Option<String>,
     seen: mpsc::UnboundedSender<(String, String, Instant)>,
 ) {
-    let (tx, rx) = mpsc::channel(4);
-    let sub = Subscribe {
+    let subscribe = Subscribe {
         workload: workload.clone(),
         ..Default::default()
     };
-    tx.send(ProxyMessage {
-        kind: Some(proxy_message::Kind::Subscribe(sub)),
+    harness::simulated_proxy(channel, subscribe, nack, move |version| {
+        let _ = seen.send((workload.clone(), version, Instant::now()));
     })
-    .await
-    .unwrap();
-    let mut client = ConfigServiceClient::new(channel);
-    let mut stream = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(Ok(s)) = stream.next().await {
-        let _ = seen.send((workload.clone(), s.version.clone(), Instant::now()));
-        let kind = match &nack {
-            Some(error) if s.version != "0" => proxy_message::Kind::Nack(Nack {
-                version: s.version,
-                nonce: s.nonce,
-                error: error.clone(),
-            }),
-            _ => proxy_message::Kind::Ack(Ack {
-                version: s.version,
-                nonce: s.nonce,
-            }),
-        };
-        if tx.send(ProxyMessage { kind: Some(kind) }).await.is_err() {
-            return;
-        }
-    }
+    .await;
 }
 
 /// A runtime with simulated proxies (`(workload, nack reason)`) subscribed to `cp`; the channel

@@ -11,17 +11,14 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::codegen::Service;
-use trellis_proto::pb::config_service_client::ConfigServiceClient;
 use trellis_proto::pb::identity_service_client::IdentityServiceClient;
 use trellis_proto::pb::policy_service_client::PolicyServiceClient;
 use trellis_proto::pb::{
     Ack, ApplyRequest, CertifyRequest, CertifyResponse, ProxyMessage, Subscribe, proxy_message,
 };
-use trellis_tests::harness::ControlPlane;
+use trellis_tests::harness::{ControlPlane, simulated_proxy};
 
 /// A gRPC message frame: not compressed, `len` as its length prefix, then `body`.
 fn frame(len: u32, body: &[u8]) -> Vec<u8> {
@@ -91,37 +88,14 @@ async fn bystander(
     workload: &str,
     seen: mpsc::UnboundedSender<String>,
 ) {
-    let (tx, rx) = mpsc::channel(4);
     let subscribe = Subscribe {
         workload: workload.into(),
         ..Default::default()
     };
-    tx.send(ProxyMessage {
-        kind: Some(proxy_message::Kind::Subscribe(subscribe)),
+    simulated_proxy(channel, subscribe, None, move |version| {
+        let _ = seen.send(version);
     })
-    .await
-    .unwrap();
-    let mut stream = ConfigServiceClient::new(channel)
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(Ok(s)) = stream.next().await {
-        let _ = seen.send(s.version.clone());
-        let ack = Ack {
-            version: s.version,
-            nonce: s.nonce,
-        };
-        if tx
-            .send(ProxyMessage {
-                kind: Some(proxy_message::Kind::Ack(ack)),
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
+    .await;
 }
 
 #[test]

@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
-use trellis_proto::pb::config_service_client::ConfigServiceClient;
-use trellis_proto::pb::{Ack, ProxyMessage, Subscribe, proxy_message};
+use trellis_proto::pb::Subscribe;
 use trellis_tests::harness::apiserver::LocalApi;
-use trellis_tests::harness::{ControlPlane, wait_for};
+use trellis_tests::harness::{ControlPlane, simulated_proxy, wait_for};
 
 const TOKEN: &str = "control-plane-token";
 const API: &str = "/apis/trellis.dev/v1alpha1";
@@ -112,30 +109,9 @@ fn ack_everything(
         service_account: service_account.into(),
         ..Default::default()
     };
-    rt.spawn(async move {
-        let (tx, rx) = mpsc::channel(4);
-        let subscribe = proxy_message::Kind::Subscribe(sub);
-        tx.send(ProxyMessage {
-            kind: Some(subscribe),
-        })
-        .await
-        .unwrap();
-        let mut stream = ConfigServiceClient::new(channel)
-            .stream(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        while let Some(Ok(s)) = stream.next().await {
-            let _ = seen_tx.send(s.version.clone());
-            let ack = proxy_message::Kind::Ack(Ack {
-                version: s.version,
-                nonce: s.nonce,
-            });
-            if tx.send(ProxyMessage { kind: Some(ack) }).await.is_err() {
-                return;
-            }
-        }
-    });
+    rt.spawn(simulated_proxy(channel, sub, None, move |version| {
+        let _ = seen_tx.send(version);
+    }));
     seen
 }
 

@@ -130,3 +130,49 @@ pub fn free_port() -> u16 {
         .expect("local addr")
         .port()
 }
+
+/// A simulated proxy's `ConfigService.Stream`: subscribes with `subscribe`, then ACKs every
+/// snapshot — or NACKs every version but "0" with `nack` — calling `seen` with each version as
+/// it arrives. Returns when the stream ends.
+pub async fn simulated_proxy(
+    channel: tonic::transport::Channel,
+    subscribe: trellis_proto::pb::Subscribe,
+    nack: Option<String>,
+    mut seen: impl FnMut(String) + Send,
+) {
+    use tokio_stream::StreamExt;
+    use trellis_proto::pb::config_service_client::ConfigServiceClient;
+    use trellis_proto::pb::{Ack, Nack, ProxyMessage, proxy_message::Kind};
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let first = ProxyMessage {
+        kind: Some(Kind::Subscribe(subscribe)),
+    };
+    if tx.send(first).await.is_err() {
+        return;
+    }
+    let Ok(stream) = ConfigServiceClient::new(channel)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    else {
+        return;
+    };
+    let mut stream = stream.into_inner();
+    while let Some(Ok(s)) = stream.next().await {
+        seen(s.version.clone());
+        let kind = match &nack {
+            Some(error) if s.version != "0" => Kind::Nack(Nack {
+                version: s.version,
+                nonce: s.nonce,
+                error: error.clone(),
+            }),
+            _ => Kind::Ack(Ack {
+                version: s.version,
+                nonce: s.nonce,
+            }),
+        };
+        if tx.send(ProxyMessage { kind: Some(kind) }).await.is_err() {
+            return;
+        }
+    }
+}

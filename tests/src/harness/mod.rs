@@ -42,7 +42,7 @@ pub use apiserver::{FakeApiServer, ServicePort, SliceEndpoint};
 pub use bins::{control_bin, proxy_bin, testapp_bin};
 pub use capture::{Capture, contains};
 pub use cluster::{CONTROL_VIP, Cluster, SERVICE_CIDR};
-pub use control::{ControlPlane, free_port};
+pub use control::{ControlPlane, free_port, simulated_proxy};
 pub use load::{LoadTotals, StopOnDrop};
 pub use mesh::{CONTROL_IDENTITY, CurlResult, Mesh, Pod};
 pub use metrics::{Scrape, check_with_prometheus_parser};
