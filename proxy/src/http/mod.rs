@@ -113,20 +113,8 @@ pub struct ServerLimits {
     pub header_read_timeout: Option<Duration>,
     /// Request line plus headers (HTTP/1), or the header list (HTTP/2, advertised in SETTINGS):
     /// beyond it HTTP/1 gets `431 Request Header Fields Too Large`. HTTP/1 also allows at most
-    /// [`MAX_HEADERS`] header lines (431 beyond).
+    /// 100 header lines (hyper's fixed limit; 431 beyond).
     pub max_header_bytes: usize,
-}
-
-/// hyper's fixed limit on the number of HTTP/1 request header lines.
-pub const MAX_HEADERS: usize = 100;
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Some(Duration::from_secs(30)),
-            max_header_bytes: 64 * 1024,
-        }
-    }
 }
 
 /// The `trellis_proxy_errors_total` cause of a client connection that hyper ended with an
