@@ -1,5 +1,6 @@
 //! What the kernel says about a process, for the harness and the benchmarks: a
-//! `/proc/PID/status` field (`VmRSS`, `VmHWM`) and the CPU time of `/proc/PID/stat`.
+//! `/proc/PID/status` field (`VmRSS`, `VmHWM`), the CPU time of `/proc/PID/stat`, and the count of
+//! open descriptors.
 
 use std::time::Duration;
 
@@ -11,6 +12,11 @@ pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
+}
+
+/// Open file descriptors (sockets included) of process `pid`; `None` when the process is gone.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// utime + stime of process `pid` (all its threads); `None` when the process is gone.

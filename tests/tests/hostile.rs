@@ -20,6 +20,7 @@ use trellis_tests::harness::raw::{
     peer_closed, send_and_read,
 };
 use trellis_tests::harness::{Mesh, Pod, Recorder, wait_for};
+use trellis_tests::procfs;
 
 const PORT: u16 = 8080;
 /// `trellis_proxy_errors_total`, the counter every refusal below is checked against.
@@ -315,7 +316,7 @@ fn http2_rapid_reset_settings_and_ping_floods_stay_bounded() {
         let fds_before = open_fds(proxy);
 
         // Rapid reset: 5,000 HEADERS + RST_STREAM(CANCEL) pairs.
-        let (app_before, cpu_before) = (p.app.requests().len(), cpu_ticks(proxy));
+        let (app_before, cpu_before) = (p.app.requests().len(), cpu_time(proxy));
         let stream = connect(from, p.server.addr(PORT));
         let mut burst = h2_start();
         for i in 0..5_000u32 {
@@ -334,8 +335,8 @@ fn http2_rapid_reset_settings_and_ping_floods_stay_bounded() {
         );
         let reached = p.app.requests().len() - app_before;
         eprintln!(
-            "{direction}: rapid reset: {reached} of 5000 streams reached the app, proxy CPU {} ticks",
-            cpu_ticks(proxy) - cpu_before
+            "{direction}: rapid reset: {reached} of 5000 streams reached the app, proxy CPU {:?}",
+            cpu_time(proxy) - cpu_before
         );
         assert!(
             reached < 5_000,
@@ -598,27 +599,14 @@ fn a_connection_flood_beyond_max_connections_is_shed_and_recovers() {
 
 // ---- the proxy's resources ----
 
-/// How many file descriptors `pod`'s proxy has open.
+/// Open descriptors of `pod`'s proxy.
 fn open_fds(pod: &Pod) -> usize {
     let pid = pod.proxy_pid();
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+    procfs::open_fds(pid).unwrap_or_else(|| panic!("the proxy {pid} is gone"))
 }
 
-/// CPU time (user + system, in clock ticks) `pod`'s proxy has used so far.
-fn cpu_ticks(pod: &Pod) -> u64 {
+/// CPU time (user + system) `pod`'s proxy has used so far.
+fn cpu_time(pod: &Pod) -> Duration {
     let pid = pod.proxy_pid();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
-    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    field(11) + field(12)
+    procfs::cpu_time(pid).unwrap_or_else(|| panic!("the proxy {pid} is gone"))
 }

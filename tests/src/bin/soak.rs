@@ -312,9 +312,7 @@ fn policy(server: &Pod, timeout_s: u64) -> String {
 
 fn sample(pod: &Pod) -> Sample {
     let pid = pod.proxy_pid();
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count() as u64)
-        .unwrap_or(0);
+    let fds = trellis_tests::procfs::open_fds(pid).unwrap_or(0) as u64;
     Sample {
         rss_kb: trellis_tests::procfs::status_kb(pid, "VmRSS").unwrap_or(0),
         fds,
